@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs Open MPI from Debian's packages when mpirun is not already on PATH.
+set -euo pipefail
+if command -v mpirun >/dev/null 2>&1 && [ -e /usr/include/x86_64-linux-gnu/openmpi ] || command -v mpicc >/dev/null 2>&1; then
+  echo "[install-mpi] Open MPI already present: $(mpirun --version 2>/dev/null | head -1)"
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+echo "[install-mpi] installing openmpi-bin libopenmpi-dev from apt"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+mpirun --version | head -1

@@ -1,0 +1,5 @@
+from .margins import PRESETS, margin_from_config, resolve_margin
+from .partial_fc import PartialFC, partition_classes
+from .sparse_sgd import SparseSGD
+
+__all__ = ["PRESETS", "PartialFC", "SparseSGD", "margin_from_config", "partition_classes", "resolve_margin"]

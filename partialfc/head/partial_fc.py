@@ -1,0 +1,158 @@
+"""The Partial FC head: model-parallel margin softmax over sampled class centers.
+
+Class centers are split into contiguous ranges, one per rank. A step on rank r of W:
+
+    x_local [b, D] --allgather--> X [B, D]          (backward: reduce_scatter of dX)
+    labels  [b]    --allgather--> Y [B]
+    sample: every positive class of this rank + uniform negatives -> index [S], target [B] in [0, S) or -1
+    Ws = normalize(weight[index]) [S, D];  logits = normalize(X) @ Ws^T [B, S]
+    margin on the target column, scale; per-row (max, sum-exp, target) -> one allgather of [B, 3]
+    loss = mean_b(max + log(sum-exp) - target)     (identical on every rank)
+
+The gradient of the sampled rows lands in ``sampled_rows.grad`` [S, D]; ``SparseSGD`` applies it to those
+rows only, so no ``[num_local, D]`` gradient ever exists.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..comm import allgather_with_grad, get_comm
+from .margins import resolve_margin
+
+
+class _SampledCenters(torch.autograd.Function):
+    """``normalize(weight[index])``; the gradient goes to ``sink`` (a [S, D] stand-in for those rows)."""
+
+    @staticmethod
+    def forward(ctx, sink, weight, index, out_dtype):
+        normalized, inv_norm = ops.gather_normalize(weight, index, out_dtype)
+        ctx.save_for_backward(normalized, inv_norm)
+        return normalized
+
+    @staticmethod
+    def backward(ctx, grad_normalized):
+        normalized, inv_norm = ctx.saved_tensors
+        return ops.gather_normalize_backward(grad_normalized, normalized, inv_norm), None, None, None
+
+
+class _DistributedMarginSoftmaxLoss(torch.autograd.Function):
+    """Mean cross-entropy of margin logits whose classes are spread over the ranks."""
+
+    @staticmethod
+    def forward(ctx, cosines, target, margin, filter_threshold, comm):
+        s, m1, m2, m3 = margin
+        # The softmax runs in at least float32 even when the GEMM ran in bf16/fp16.
+        logits = cosines.detach()
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        row_max, sum_exp, target_logit, target_cos = ops.margin_softmax_forward(
+            logits, target, s, m1, m2, m3, filter_threshold)
+        batch = target.shape[0]
+        # Horovod: one small collective combines every rank's partial softmax statistics.
+        stats = comm.allgather(torch.stack([row_max, sum_exp, target_logit], dim=1)).view(comm.size, batch, 3)
+        global_max = stats[:, :, 0].max(dim=0).values  # [B]
+        global_sum_exp = (stats[:, :, 1] * torch.exp(stats[:, :, 0] - global_max)).sum(dim=0)  # [B]
+        global_target = stats[:, :, 2].sum(dim=0)  # [B]: each row's target lives on exactly one rank
+        loss = (global_max + torch.log(global_sum_exp) - global_target).mean()
+        ctx.save_for_backward(logits, target, global_max, global_sum_exp, target_cos)
+        ctx.margin, ctx.filter_threshold, ctx.cosine_dtype = margin, filter_threshold, cosines.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target, global_max, global_sum_exp, target_cos = ctx.saved_tensors
+        s, m1, m2, m3 = ctx.margin
+        grad_scale = float(grad_loss) / target.shape[0]
+        grad = ops.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos,
+                                           s, m1, m2, m3, grad_scale, ctx.filter_threshold)
+        return grad.to(ctx.cosine_dtype), None, None, None, None
+
+
+def partition_classes(num_classes, rank, world_size):
+    """``(class_start, num_local)``: contiguous ranges, the first ``num_classes % world_size`` ranks one longer."""
+    base, extra = divmod(num_classes, world_size)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+class PartialFC(nn.Module):
+    """Margin-softmax classification head over this rank's shard of the class centers.
+
+    ``loss = pfc(local_embeddings [b, D], local_labels [b])`` is the mean loss over the global batch (the
+    same on every rank); its backward gives each rank the single-process gradient rows of its own samples.
+    """
+
+    def __init__(self, embedding_size, num_classes, sample_rate=1.0, margin=(64.0, 1.0, 0.5, 0.0), comm=None,
+                 interclass_filtering_threshold=0.0, seed=2048):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.comm = comm if comm is not None else get_comm()
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.sample_rate = sample_rate
+        self.margin = resolve_margin(margin)
+        self.interclass_filtering_threshold = float(interclass_filtering_threshold or 0.0)
+        self.class_start, self.num_local = partition_classes(num_classes, self.comm.rank, self.comm.size)
+        self.num_sample = min(self.num_local, math.ceil(sample_rate * self.num_local))
+        init = torch.Generator().manual_seed(seed + self.comm.rank)
+        # Class centers are updated by SparseSGD only; autograd never sees them as a leaf.
+        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size), generator=init),
+                                   requires_grad=False)
+        self.sampler = torch.Generator().manual_seed(seed * 7919 + self.comm.rank)
+        self.sampled_index = None  # [S] local class ids of the current step
+        self.sampled_rows = None   # [S, D] stand-in leaf whose .grad is the gradient of weight[sampled_index]
+
+    def extra_repr(self):
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"class_start={self.class_start}, num_local={self.num_local}, num_sample={self.num_sample}, "
+                f"margin={self.margin}")
+
+    def _gather_labels(self, local_embeddings, local_labels):
+        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be [batch, {self.embedding_size}], got {list(local_embeddings.shape)}")
+        if local_labels.dim() != 1 or local_labels.shape[0] != local_embeddings.shape[0]:
+            raise ValueError(f"labels must be [batch] = [{local_embeddings.shape[0]}], got {list(local_labels.shape)}")
+        comm = self.comm
+        # Horovod: every rank must hold the same batch size, or the gathered rows would not line up.
+        sizes = comm.allgather(torch.tensor([local_labels.shape[0]], dtype=torch.long, device=local_labels.device))
+        if bool((sizes != sizes[0]).any()):
+            raise ValueError(f"every rank needs the same local batch size; got {sizes.tolist()} on ranks "
+                             f"0..{comm.size - 1} (use drop_last in the data loader)")
+        labels = comm.allgather(local_labels.long())  # [B]
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bool(bad.any()):
+            pos = int(torch.nonzero(bad)[0])
+            batch = local_labels.shape[0]
+            raise ValueError(f"label {int(labels[pos])} of sample {pos % batch} on rank {pos // batch} is outside "
+                             f"[0, num_classes={self.num_classes})")
+        return labels
+
+    def sample(self, labels):
+        """``(index [S], target [B])`` for the global labels; see ``ops.sample_classes_ref``."""
+        return ops.sample_classes(labels, self.class_start, self.num_local, self.num_sample, self.sampler)
+
+    def forward(self, local_embeddings, local_labels):
+        labels = self._gather_labels(local_embeddings, local_labels)  # [B]
+        embeddings = allgather_with_grad(local_embeddings, self.comm)  # [B, D]
+
+        index, target = self.sample(labels)  # [S], [B]
+        self.sampled_index = index
+        weight = self.weight
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        # The stand-in costs no memory: a zero-stride view; only its gradient is materialized.
+        self.sampled_rows = torch.zeros((), dtype=acc_dtype, device=weight.device).expand(
+            index.numel(), self.embedding_size).requires_grad_()
+
+        device_type = embeddings.device.type
+        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else torch.promote_types(embeddings.dtype, weight.dtype))
+        centers = _SampledCenters.apply(self.sampled_rows, weight, index, compute_dtype)  # [S, D]
+        features = F.normalize(embeddings.to(acc_dtype), dim=1).to(compute_dtype)  # [B, D]
+        cosines = torch.mm(features, centers.t())  # [B, S]
+        return _DistributedMarginSoftmaxLoss.apply(cosines, target, self.margin,
+                                                   self.interclass_filtering_threshold, self.comm)

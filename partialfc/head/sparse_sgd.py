@@ -1,0 +1,45 @@
+"""SGD with momentum and weight decay for the class centers, applied to the sampled rows only."""
+import torch
+
+from .. import ops
+
+
+class SparseSGD(torch.optim.Optimizer):
+    """``torch.optim.SGD`` semantics (dampening 0, no Nesterov) restricted to the rows sampled this step.
+
+    Rows that were not sampled keep their weight and momentum bit for bit: no decay, no momentum drift.
+    It is a ``torch.optim.Optimizer`` over ``[pfc.weight]``, so LR schedulers and ``state_dict`` work.
+    """
+
+    def __init__(self, pfc, lr, momentum=0.9, weight_decay=5e-4):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
+        super().__init__([pfc.weight], dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.pfc = pfc
+
+    def momentum_buffer(self):
+        weight = self.param_groups[0]["params"][0]
+        state = self.state[weight]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(weight)
+        return state["momentum_buffer"]
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale=1.0):
+        """Apply ``pfc.sampled_rows.grad / grad_scale`` to ``pfc.weight[pfc.sampled_index]``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rows = self.pfc.sampled_rows
+        if rows is None or rows.grad is None:
+            return loss
+        group = self.param_groups[0]
+        grad = rows.grad if grad_scale == 1.0 else rows.grad / grad_scale
+        ops.sparse_sgd_update(group["params"][0], self.momentum_buffer(), self.pfc.sampled_index, grad,
+                              group["lr"], group["momentum"], group["weight_decay"])
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        if self.pfc.sampled_rows is not None:
+            self.pfc.sampled_rows.grad = None

@@ -1,0 +1,187 @@
+"""The Partial FC ops: pure-PyTorch references, and the dispatch to the compiled ``partialfc._C`` kernels.
+
+Every op here has a reference implementation written with plain tensor operations. The references define
+the semantics: the compiled kernels are tested against them, and they run whenever the extension is not
+built (or ``PARTIALFC_DISABLE_EXT=1``).
+
+Shapes: B = global batch, S = sampled classes on this rank, D = embedding size, C = ``num_local``.
+
+The margin. For a target cosine ``t = cos(theta)`` the margin logit is
+
+    f(t) = cos(m1 * theta + m2) - m3            when m1 * theta + m2 <= pi
+    f(t) = t - m3 - m2 * sin(m2)                otherwise (arcface_torch's fallback that keeps f monotonic)
+
+and every logit is then multiplied by ``s``. The backward uses the exact derivative
+``df/dt = m1 * sin(m1 * theta + m2) / sin(theta)`` (1 in the fallback branch, and exactly 1 for CosFace).
+"""
+import math
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _sample_distinct(n, k, generator, device):
+    """``k`` distinct integers drawn uniformly from ``[0, n)``, in expected O(k) time, unsorted."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if 2 * k >= n:
+        # Dense regime: a permutation costs O(n) = O(k) here.
+        return torch.randperm(n, generator=generator, device=device)[:k]
+    # Sparse regime: draw with replacement until k distinct values are seen. The set of distinct values of
+    # i.i.d. uniform draws is exchangeable, so a uniform k-subset of it is a uniform k-subset of [0, n).
+    found = torch.empty(0, dtype=torch.long, device=device)
+    while found.numel() < k:
+        draw = torch.randint(0, n, (k + k // 8 + 16,), generator=generator, device=device)
+        found = torch.unique(torch.cat([found, draw]))
+    keep = torch.randperm(found.numel(), generator=generator, device=device)[:k]
+    return found[keep]
+
+
+def sample_classes_ref(labels, class_start, num_local, num_sample, generator=None):
+    """Positive classes of this rank plus uniform negatives; returns ``(index [S], remapped labels [B])``.
+
+    ``labels`` are global class ids ``[B]``. ``index`` is sorted and holds local class ids in
+    ``[0, num_local)``: every positive, then negatives drawn uniformly without replacement until
+    ``S = max(num_sample, num_positive)`` (all classes when ``num_sample >= num_local``). ``remapped[b]`` is
+    the position of ``labels[b]`` in ``index``, or -1 when the label lives on another rank.
+    """
+    device = labels.device
+    local = labels - class_start
+    is_local = (local >= 0) & (local < num_local)
+    if num_sample >= num_local:
+        index = torch.arange(num_local, device=device)
+    else:
+        positives = torch.unique(local[is_local])  # sorted
+        num_neg = num_sample - positives.numel()
+        # The i-th class that is not a positive is i + #{j : positives[j] - j <= i}.
+        ranks = _sample_distinct(num_local - positives.numel(), num_neg, generator, device)
+        shift = positives - torch.arange(positives.numel(), device=device)
+        negatives = ranks + torch.searchsorted(shift, ranks, right=True)
+        index = torch.sort(torch.cat([positives, negatives])).values
+    remapped = torch.full_like(labels, -1)
+    remapped[is_local] = torch.searchsorted(index, local[is_local])
+    return index, remapped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gather + normalize of the sampled class centers
+
+
+def _acc_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gather_normalize_ref(weight, index, out_dtype=None):
+    """``(W[index] / ||W[index]||) [S, D]`` in ``out_dtype``, and the inverse norms ``[S]`` for backward."""
+    rows = weight.index_select(0, index).to(_acc_dtype(weight.dtype))  # [S, D]
+    inv_norm = rows.norm(dim=1).clamp_min(1e-12).reciprocal()  # [S]
+    normalized = (rows * inv_norm[:, None]).to(out_dtype or weight.dtype)
+    return normalized, inv_norm
+
+
+def gather_normalize_backward_ref(grad_normalized, normalized, inv_norm):
+    """Gradient of the gathered raw rows ``[S, D]`` (never a dense ``[C, D]`` gradient)."""
+    acc = inv_norm.dtype
+    g = grad_normalized.to(acc)
+    n = normalized.to(acc)
+    return (g - n * (g * n).sum(dim=1, keepdim=True)) * inv_norm[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Margin logits and softmax statistics
+
+
+def _margin_and_derivative(t, m1, m2, m3):
+    """``f(t)`` and ``df/dt`` for target cosines ``t`` (see the module docstring)."""
+    if m1 == 1.0 and m2 == 0.0:
+        return t - m3, torch.ones_like(t)
+    theta = torch.acos(t)
+    angle = m1 * theta + m2
+    sin_theta = torch.sqrt(torch.clamp(1.0 - t * t, min=1e-12))
+    main = torch.cos(angle) - m3
+    fallback = t - m3 - m2 * math.sin(m2)
+    in_range = angle <= math.pi
+    value = torch.where(in_range, main, fallback)
+    deriv = torch.where(in_range, m1 * torch.sin(angle) / sin_theta, torch.ones_like(t))
+    return value, deriv
+
+
+def margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold=0.0):
+    """In place on ``logits [B, S]`` (cosines): clamp, margin on the target column, optional inter-class
+    filtering, scale by ``s``. Returns the per-row statistics the distributed combine needs:
+    ``(row_max [B], sum_exp [B] relative to row_max, target_logit [B], target_cos [B])``; the last two are 0
+    in rows whose target lives on another rank (``labels == -1``).
+    """
+    logits.clamp_(-1.0, 1.0)
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    cols = labels[rows]
+    target_cos = torch.zeros(labels.shape[0], dtype=logits.dtype, device=logits.device)
+    target_cos[rows] = logits[rows, cols]
+    if filter_threshold > 0 and rows.numel():
+        # Non-target classes too close to the sample are probably mislabeled duplicates: drop their logit.
+        sub = logits[rows]
+        too_close = sub > filter_threshold
+        too_close[torch.arange(rows.numel(), device=logits.device), cols] = False
+        logits[rows] = sub.masked_fill(too_close, 0.0)
+    value, _ = _margin_and_derivative(target_cos[rows], m1, m2, m3)
+    logits[rows, cols] = value
+    logits.mul_(s)
+    target_logit = torch.zeros_like(target_cos)
+    target_logit[rows] = logits[rows, cols]
+    if logits.shape[1] == 0:
+        row_max = torch.full_like(target_cos, -math.inf)
+        sum_exp = torch.zeros_like(target_cos)
+    else:
+        row_max = logits.max(dim=1).values
+        sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=1)
+    return row_max, sum_exp, target_logit, target_cos
+
+
+def margin_softmax_backward_ref(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
+                                grad_scale, filter_threshold=0.0):
+    """In place on the scaled logits ``[B, S]`` of the forward: ``d loss_sum / d cosine * grad_scale``.
+
+    ``grad[b, j] = (softmax[b, j] - onehot[b, j]) * s * grad_scale``, times ``df/dt`` on the target column.
+    With filtering, the dropped logits (exactly 0 after the forward) get no gradient.
+    """
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    cols = labels[rows]
+    if filter_threshold > 0 and rows.numel():
+        dropped = logits[rows] == 0
+        dropped[torch.arange(rows.numel(), device=logits.device), cols] = False
+    logits.sub_(global_max[:, None]).exp_().div_(global_sum_exp[:, None])
+    logits[rows, cols] -= 1.0
+    _, deriv = _margin_and_derivative(target_cos[rows], m1, m2, m3)
+    logits[rows, cols] *= deriv
+    if filter_threshold > 0 and rows.numel():
+        logits[rows] = logits[rows].masked_fill(dropped, 0.0)
+    logits.mul_(s * grad_scale)
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sparse SGD with momentum on the sampled rows
+
+
+def sparse_sgd_update_ref(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
+    """``torch.optim.SGD`` (dampening 0, no Nesterov) applied to the rows ``index`` only, in place."""
+    w = weight.index_select(0, index)
+    g = grad_rows.to(weight.dtype)
+    if weight_decay:
+        g = g + weight_decay * w
+    m = momentum_buffer.index_select(0, index).mul_(momentum).add_(g)
+    momentum_buffer.index_copy_(0, index, m)
+    weight.index_copy_(0, index, w - lr * m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch: the compiled kernels when ``partialfc._C`` is built, the references otherwise.
+
+sample_classes = sample_classes_ref
+gather_normalize = gather_normalize_ref
+gather_normalize_backward = gather_normalize_backward_ref
+margin_softmax_forward = margin_softmax_forward_ref
+margin_softmax_backward = margin_softmax_backward_ref
+sparse_sgd_update = sparse_sgd_update_ref

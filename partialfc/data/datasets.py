@@ -1,0 +1,459 @@
+"""Training datasets: indexed .rec, shuffled sequential .rec and image folder.
+
+Every dataset yields ``(FloatTensor[3, 112, 112], int label)``: RGB normalized as ``(x - 127.5) / 127.5``,
+mirrored at random (a coin derived from the seed, the epoch and the sample, so runs repeat exactly).
+Decoding happens where ``__getitem__``/``__iter__`` runs, i.e. in the DataLoader worker processes.
+
+Two .rec layouts are accepted:
+
+* insightface: record 0 is a header ``IRHeader(flag=2, label=(a, b))`` with an empty payload; image
+  records have keys ``1 .. a-1``; records ``a .. b-1`` are one per identity (in label order) with
+  ``label=(first image key, end image key)``.
+* plain im2rec: every record is an image (scalar label, or ``flag>0`` labels whose first value is the
+  class), no header record.
+"""
+import logging
+import os
+import re
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from . import recordio
+from .recordio import RecordIOError, read_record_at, unpack
+from .transforms import CorruptCounter, CorruptImageError, decode_to_tensor, flip_bit
+
+logger = logging.getLogger("partialfc.data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+_ID_RE = re.compile(r"^(?:id_)?(\d+)$")
+
+
+class DataError(ValueError):
+    """Invalid training data (label out of range, missing index, empty folder ...)."""
+
+
+def check_label(label, num_classes, path, key):
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise DataError(f"label {label} of record key {key!r} in {path!r} is outside [0, {num_classes}) "
+                        f"(num_classes = {num_classes}); fix the data or set num_classes to cover it")
+
+
+def header_label(header):
+    label = header.label
+    if not np.isscalar(label):
+        label = label[0]
+    return int(label)
+
+
+def read_index(idx_path, rec_path):
+    """The ``key<TAB>offset`` lines of ``idx_path`` as (list of int keys, int64 offsets array)."""
+    if not os.path.isfile(idx_path):
+        raise DataError(f"index file {idx_path!r} for RecordIO file {rec_path!r} does not exist; "
+                        f"create it (python -m partialfc.tools.im2rec) or read the file sequentially "
+                        f"with shuffled_rec=True")
+    keys, offsets = [], []
+    with open(idx_path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split("\t")
+            if len(parts) == 1 and not parts[0].strip():
+                continue
+            try:
+                keys.append(int(parts[0]))
+                offsets.append(int(parts[1]))
+            except (ValueError, IndexError):
+                raise DataError(f"malformed line {lineno} in index file {idx_path!r}: {line.rstrip()!r} "
+                                f"(expected 'key<TAB>offset')") from None
+    offsets = np.asarray(offsets, dtype=np.int64)
+    size = os.path.getsize(rec_path)
+    bad = np.flatnonzero((offsets < 0) | (offsets + 8 > size))
+    if bad.size:
+        i = int(bad[0])
+        raise RecordIOError(f"index {idx_path!r} points past the end of {rec_path!r}: key {keys[i]}, "
+                            f"offset {int(offsets[i])}, file size {size}")
+    return keys, offsets
+
+
+class _RecFile:
+    """A lazily (re)opened read-only descriptor, one per process, for pread-based record access."""
+
+    def __init__(self, path):
+        self.path = path
+        self._fd = None
+        self._pid = None
+
+    @property
+    def fd(self):
+        if self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._pid = os.getpid()
+        return self._fd
+
+    def __getstate__(self):
+        return {"path": self.path, "_fd": None, "_pid": None}
+
+    def record(self, offset, key=None):
+        return read_record_at(self.fd, int(offset), self.path, key)
+
+    def header(self, offset, key=None):
+        """The IRHeader of the record at ``offset`` without reading its payload."""
+        head = os.pread(self.fd, 64, int(offset))
+        if len(head) >= 32:
+            magic, lrec = recordio._FRAME.unpack_from(head)
+            length = lrec & recordio._LEN_MASK
+            if magic == recordio.MAGIC and lrec >> 29 in (0, 1) and length >= 24:
+                flag = recordio._IR_STRUCT.unpack_from(head, 8)[0]
+                if 24 + 4 * flag <= min(length, len(head) - 8):
+                    return unpack(head[8:8 + min(length, 56)])[0]
+        return unpack(self.record(offset, key))[0]
+
+
+def _is_header_record(header, payload):
+    return header.flag > 0 and len(payload) == 0
+
+
+class _Augmented:
+    """Shared state of the datasets: epoch, seed, flip and the corrupt-image policy."""
+
+    def _init_aug(self, seed, random_flip, corrupt_images):
+        if corrupt_images not in ("fail", "skip"):
+            raise DataError(f"corrupt_images must be 'fail' or 'skip', got {corrupt_images!r}")
+        self.seed = int(seed)
+        self.epoch = 0
+        self.random_flip = bool(random_flip)
+        self.corrupt_images = corrupt_images
+        self.corrupt = CorruptCounter()
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def _flip(self, index):
+        return self.random_flip and flip_bit(self.seed, self.epoch, index)
+
+
+class IndexedRecordDataset(_Augmented, Dataset):
+    """Random access over ``train.rec`` + ``train.idx`` (insightface layout or plain im2rec)."""
+
+    def __init__(self, rec_path, idx_path=None, num_classes=None, seed=0, random_flip=True,
+                 corrupt_images="fail"):
+        self._init_aug(seed, random_flip, corrupt_images)
+        self.path = os.fspath(rec_path)
+        if not os.path.isfile(self.path):
+            raise DataError(f"RecordIO file {self.path!r} does not exist")
+        self.idx_path = os.fspath(idx_path) if idx_path else os.path.splitext(self.path)[0] + ".idx"
+        keys, offsets = read_index(self.idx_path, self.path)
+        self.file = _RecFile(self.path)
+        pos = dict(zip(keys, range(len(keys))))
+        self.layout = "plain"
+        if 0 in pos:
+            h0, payload0 = unpack(self.file.record(offsets[pos[0]], 0))
+            if _is_header_record(h0, payload0):
+                self.layout = "insightface"
+        if self.layout == "insightface":
+            self._open_insightface(h0, keys, offsets, pos)
+        else:
+            self.keys = np.asarray(keys, dtype=np.int64)
+            self.offsets = offsets
+            self.labels = np.empty(len(keys), dtype=np.int64)
+            for i, (k, off) in enumerate(zip(keys, offsets)):
+                self.labels[i] = header_label(self.file.header(off, k))
+        if len(self.keys) == 0:
+            raise DataError(f"RecordIO file {self.path!r} holds no images")
+        inferred = int(self.labels.max()) + 1
+        self.num_classes = int(num_classes) if num_classes is not None else inferred
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
+        if bad.size:
+            i = int(bad[0])
+            key = int(self.label_keys[i] if self.layout == "insightface" else self.keys[i])
+            check_label(int(self.labels[i]), self.num_classes, self.path, key)
+
+    def _open_insightface(self, h0, keys, offsets, pos):
+        first_id, end_id = int(h0.label[0]), int(h0.label[1])
+        image_keys = np.arange(1, first_id, dtype=np.int64)
+        missing = [k for k in range(1, first_id) if k not in pos]
+        if missing:
+            raise DataError(f"{self.path!r}: header record 0 says image keys 1..{first_id - 1}, but key "
+                            f"{missing[0]} is not in {self.idx_path!r} ({len(missing)} missing)")
+        self.keys = image_keys
+        self.offsets = offsets[[pos[k] for k in range(1, first_id)]]
+        self.labels = np.full(len(image_keys), -1, dtype=np.int64)
+        self.label_keys = np.zeros(len(image_keys), dtype=np.int64)
+        for ident, key in enumerate(range(first_id, end_id)):
+            if key not in pos:
+                raise DataError(f"{self.path!r}: identity record key {key} (label {ident}) is not in "
+                                f"{self.idx_path!r}")
+            h = self.file.header(offsets[pos[key]], key)
+            if np.isscalar(h.label) or len(h.label) < 2:
+                raise DataError(f"{self.path!r}: identity record key {key} has label {h.label!r}, "
+                                f"expected (first image key, end image key)")
+            a, b = int(h.label[0]), int(h.label[1])
+            if not 1 <= a <= b <= first_id:
+                raise DataError(f"{self.path!r}: identity record key {key} has image range [{a}, {b}) "
+                                f"outside the image keys [1, {first_id})")
+            self.labels[a - 1:b - 1] = ident
+            self.label_keys[a - 1:b - 1] = key
+        unlabeled = np.flatnonzero(self.labels < 0)
+        for i in unlabeled:  # images outside every identity range: their own header decides
+            self.labels[i] = header_label(self.file.header(self.offsets[i], int(self.keys[i])))
+            self.label_keys[i] = self.keys[i]
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.keys)):
+            i = (index + attempt) % len(self.keys)
+            key, off = int(self.keys[i]), int(self.offsets[i])
+            header, payload = unpack(self.file.record(off, key))
+            label = header_label(header)
+            check_label(label, self.num_classes, self.path, key)
+            try:
+                img = decode_to_tensor(payload, self._flip(index),
+                                       where=f"record key {key} of {self.path!r} (offset {off})")
+            except CorruptImageError as e:
+                if self.corrupt_images == "fail":
+                    raise
+                self.corrupt.skipped(f"{e}; using key {int(self.keys[(i + 1) % len(self.keys)])} instead")
+                continue
+            return img, label
+        raise DataError(f"no decodable image in {self.path!r}")
+
+
+def sort_class_names(names):
+    """Folder names in class order: numerically when all are ``id_<n>`` or ``<n>``, else lexically."""
+    names = list(names)
+    if names and all(_ID_RE.match(n) for n in names):
+        return sorted(names, key=lambda n: (int(_ID_RE.match(n).group(1)), n))
+    return sorted(names)
+
+
+def scan_image_folder(root):
+    """[(path, label)], class names: one sub-folder per identity, sorted, labels contiguous from 0."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist")
+    classes, samples = [], []
+    for name in sort_class_names(e.name for e in os.scandir(root) if e.is_dir()):
+        files = sorted(f for f in os.listdir(os.path.join(root, name))
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            continue
+        label = len(classes)
+        classes.append(name)
+        samples.extend((os.path.join(root, name, f), label) for f in files)
+    if not samples:
+        raise DataError(f"image folder {root!r} has no class sub-folders with images "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
+    return samples, classes
+
+
+class ImageFolderDataset(_Augmented, Dataset):
+    """``root/<identity>/*.jpg``: identities sorted (``id_<n>`` numerically), labels contiguous."""
+
+    def __init__(self, root, num_classes=None, seed=0, random_flip=True, corrupt_images="fail"):
+        self._init_aug(seed, random_flip, corrupt_images)
+        self.root = os.fspath(root)
+        self.samples, self.classes = scan_image_folder(self.root)
+        self.labels = np.asarray([lab for _, lab in self.samples], dtype=np.int64)
+        self.num_classes = int(num_classes) if num_classes is not None else len(self.classes)
+        if len(self.classes) > self.num_classes:
+            path, label = next((p, lab) for p, lab in self.samples if lab >= self.num_classes)
+            check_label(label, self.num_classes, path, os.path.basename(os.path.dirname(path)))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            with open(path, "rb") as f:
+                buf = f.read()
+            try:
+                return decode_to_tensor(buf, self._flip(index), where=f"file {path!r}"), label
+            except CorruptImageError as e:
+                if self.corrupt_images == "fail":
+                    raise
+                self.corrupt.skipped(str(e))
+        raise DataError(f"no decodable image in {self.root!r}")
+
+
+def _sequential_offsets(path, idx_path):
+    """Byte offsets (file order) of the image records of a .rec read front to back, and the labels
+    known without reading payloads (None when they were not scanned)."""
+    if idx_path and os.path.isfile(idx_path):
+        keys, offsets = read_index(idx_path, path)
+        order = np.argsort(offsets, kind="stable")
+        offsets = offsets[order]
+        keys = [keys[i] for i in order]
+        f = _RecFile(path)
+        if len(offsets):
+            h0, p0 = unpack(f.record(offsets[0], keys[0]))
+            if _is_header_record(h0, p0):
+                first_id = int(h0.label[0])
+                # insightface layout: image keys 1 .. first_id-1, identity records after them
+                keep = np.asarray([1 <= k < first_id for k in keys], dtype=bool)
+                return offsets[keep], None, int(h0.label[1]) - first_id
+        return offsets, None, None
+    offsets, labels = [], []
+    for off, length, first in recordio.scan_records(path, header_bytes=28):
+        h, rest = unpack(first) if len(first) >= 24 else (None, b"")
+        if h is None:
+            raise DataError(f"record at offset {off} of {path!r} is {length} bytes, shorter than an IRHeader")
+        if h.flag > 0 and length == 24 + 4 * h.flag:   # header or identity record: no image payload
+            continue
+        offsets.append(off)
+        labels.append(int(h.label) if h.flag == 0 else int(np.frombuffer(first[24:28], np.float32)[0]))
+    return np.asarray(offsets, dtype=np.int64), np.asarray(labels, dtype=np.int64), None
+
+
+def _read_property(folder):
+    p = os.path.join(folder, "property")
+    if os.path.isfile(p):
+        with open(p) as f:
+            text = f.read().strip()
+        try:
+            return int(text.split(",")[0])
+        except ValueError:
+            raise DataError(f"malformed property file {p!r}: {text!r} (expected 'num_classes,112,112')") from None
+    return None
+
+
+class SequentialRecordDataset(_Augmented, IterableDataset):
+    """One front-to-back pass over a (shuffled) .rec per epoch, with an in-memory shuffle buffer.
+
+    The records are cut into contiguous chunks; each epoch the chunk order is permuted from
+    ``(seed, epoch)``, the permuted sequence is cut into ``world_size`` equal parts (one per rank), and a
+    rank's part into whole-batch pieces (one per DataLoader worker). A worker reads its chunks
+    sequentially and draws samples at random from a buffer of ``shuffle_buffer / num_workers`` records.
+    Each rank therefore yields exactly ``len(self) // batch_size`` full batches, and across ranks every
+    record is used at most once per epoch (exactly once when the count divides the global batch).
+    """
+
+    def __init__(self, rec_path, idx_path=None, num_classes=None, rank=0, world_size=1, batch_size=128,
+                 num_workers=0, shuffle_buffer=10000, seed=0, random_flip=True, corrupt_images="fail",
+                 chunk_records=None):
+        self._init_aug(seed, random_flip, corrupt_images)
+        self.path = os.fspath(rec_path)
+        if not os.path.isfile(self.path):
+            raise DataError(f"RecordIO file {self.path!r} does not exist")
+        if idx_path is None:
+            idx_path = os.path.splitext(self.path)[0] + ".idx"
+        self.offsets, labels, n_ids = _sequential_offsets(self.path, idx_path)
+        self.num_images = len(self.offsets)
+        if num_classes is None:
+            num_classes = _read_property(os.path.dirname(self.path)) or n_ids
+            if num_classes is None:
+                if labels is None:
+                    labels = np.asarray([header_label(_RecFile(self.path).header(o)) for o in self.offsets])
+                num_classes = int(labels.max()) + 1 if len(labels) else 0
+        self.num_classes = int(num_classes)
+        if labels is not None and len(labels):
+            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+            if bad.size:
+                check_label(int(labels[bad[0]]), self.num_classes, self.path, f"offset {self.offsets[bad[0]]}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.batch_size = int(batch_size)
+        self.num_workers = max(int(num_workers), 0)
+        self.shuffle_buffer = max(int(shuffle_buffer), 1)
+        self.num_batches = self.num_images // (self.batch_size * self.world_size)
+        if self.num_batches == 0:
+            raise DataError(f"{self.path!r} holds {self.num_images} images, fewer than one global batch "
+                            f"({self.world_size} ranks x batch_size {self.batch_size})")
+        if chunk_records is None:
+            parts = self.world_size * max(self.num_workers, 1) * 8
+            chunk_records = max(1, min(4096, self.num_images // parts))
+        self.chunk_records = int(chunk_records)
+        self.file_size = os.path.getsize(self.path)
+
+    def __len__(self):
+        """Samples this rank yields per epoch."""
+        return self.num_batches * self.batch_size
+
+    def plan(self, epoch, worker, num_workers):
+        """Record-index spans ``[(start, stop)]`` (file order) read by ``worker`` of this rank in ``epoch``."""
+        n, c = self.num_images, self.chunk_records
+        starts = np.arange(0, n, c)
+        rng = np.random.default_rng([self.seed, int(epoch), 0x5EC])
+        order = rng.permutation(len(starts))
+        per_rank = self.num_batches * self.batch_size
+        # batches of this rank split into contiguous whole-batch pieces, one per worker
+        base, extra = divmod(self.num_batches, num_workers)
+        w_batches = [base + (1 if w < extra else 0) for w in range(num_workers)]
+        lo = self.rank * per_rank + sum(w_batches[:worker]) * self.batch_size
+        hi = lo + w_batches[worker] * self.batch_size
+        spans, pos = [], 0
+        for ci in order:
+            s = int(starts[ci])
+            e = min(s + c, n)
+            a, b = max(lo, pos), min(hi, pos + e - s)
+            if a < b:
+                spans.append((s + a - pos, s + b - pos))
+            pos += e - s
+            if pos >= hi:
+                break
+        return spans
+
+    def _records(self, spans):
+        with open(self.path, "rb", buffering=1 << 20) as f:
+            for start, stop in spans:
+                off = int(self.offsets[start])
+                f.seek(off)
+                for i in range(start, stop):
+                    expected = int(self.offsets[i])
+                    if off != expected:      # records not in the index (identity records) in between
+                        f.seek(expected)
+                        off = expected
+                    rec = recordio._read_record(f.read, self.path, off)
+                    if rec is None:
+                        raise RecordIOError(f"{self.path!r} ends at offset {off} where record {i} was expected")
+                    yield i, off, rec[0]
+                    off += rec[1]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        spans = self.plan(self.epoch, worker, nw)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 0xB0F])
+        capacity = max(1, self.shuffle_buffer // nw)
+        buf = []
+        last = None
+        for item in self._records(spans):
+            if len(buf) < capacity:
+                buf.append(item)
+                continue
+            j = int(rng.integers(len(buf)))
+            out, buf[j] = buf[j], item
+            sample = self._decode(out, buf, rng, last)
+            last = sample
+            yield sample
+        rng.shuffle(buf)
+        while buf:
+            sample = self._decode(buf.pop(), buf, rng, last)
+            last = sample
+            yield sample
+
+    def _decode(self, item, buf, rng, last):
+        i, off, rec = item
+        header, payload = unpack(rec)
+        label = header_label(header)
+        check_label(label, self.num_classes, self.path, f"{header.id} (offset {off})")
+        try:
+            return decode_to_tensor(payload, self._flip(i),
+                                    where=f"record key {header.id} of {self.path!r} (offset {off})"), label
+        except CorruptImageError as e:
+            if self.corrupt_images == "fail":
+                raise
+            self.corrupt.skipped(f"{e}; a buffered sample is used instead")
+            for _ in range(8):
+                if not buf:
+                    break
+                j = int(rng.integers(len(buf)))
+                h2, p2 = unpack(buf[j][2])
+                try:
+                    return decode_to_tensor(p2, self._flip(buf[j][0])), header_label(h2)
+                except CorruptImageError:
+                    continue
+            if last is not None:
+                return last
+            raise

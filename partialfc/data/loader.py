@@ -1,0 +1,162 @@
+"""Training loaders: sharded by rank, fixed per-rank batch size, deterministic reshuffle per epoch.
+
+``build_train_loader(config, comm)`` picks the dataset from ``config.rec``:
+
+* ``"synthetic"``: the embedded synthetic set (``partialfc.data.synthetic``);
+* a folder with ``train.rec``: the indexed reader over ``train.rec`` + ``train.idx``, or the shuffled
+  sequential reader when ``config.shuffled_rec`` is True;
+* any other folder: an image folder, one sub-folder per identity.
+
+Every epoch the images are split into ``comm.size`` disjoint parts of equal length, each a whole number of
+``config.batch_size`` batches (the remainder, fewer than ``size * batch_size`` images, sits out that epoch
+and differs from epoch to epoch). ``set_epoch(e)`` reorders deterministically from ``(config.seed, e)``.
+"""
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .datasets import DataError, ImageFolderDataset, IndexedRecordDataset, SequentialRecordDataset
+
+__all__ = ["build_train_loader", "val_bin_path", "TrainLoader", "ShardedSampler", "DataError"]
+
+
+class ShardedSampler(Sampler):
+    """Indices of this rank's share of a random permutation of ``num_samples`` (same on every rank).
+
+    The permutation comes from ``(seed, epoch)``; the first ``size * per_rank`` entries are cut into
+    ``size`` contiguous parts, ``per_rank`` being the largest multiple of ``batch_size`` that fits.
+    """
+
+    def __init__(self, num_samples, rank, size, batch_size, seed=0):
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} is outside [0, {size})")
+        self.num_samples, self.rank, self.size = int(num_samples), int(rank), int(size)
+        self.batch_size, self.seed, self.epoch = int(batch_size), int(seed), 0
+        self.per_rank = (self.num_samples // (self.batch_size * self.size)) * self.batch_size
+        if self.per_rank == 0:
+            raise DataError(f"the dataset holds {self.num_samples} images, fewer than one global batch "
+                            f"({self.size} ranks x batch_size {self.batch_size})")
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.per_rank
+
+    def __iter__(self):
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        part = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        return iter(part.tolist())
+
+
+class TrainLoader:
+    """Iterable of ``(images FloatTensor[b, 3, 112, 112], labels int64[b])`` for one rank."""
+
+    def __init__(self, dataset, batch_size, num_workers, rank, size, seed, sampler=None, kind=""):
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.sampler = sampler
+        self.rank, self.size = rank, size
+        self.kind = kind
+        self.epoch = 0
+        self.num_classes = int(dataset.num_classes)
+        self.num_images = int(getattr(dataset, "num_images", None) or _dataset_len(dataset))
+        kw = dict(batch_size=self.batch_size, num_workers=int(num_workers), drop_last=True,
+                  pin_memory=torch.cuda.is_available())
+        if int(num_workers) > 0:
+            kw["prefetch_factor"] = 4
+        if sampler is not None:
+            self._loader = DataLoader(dataset, sampler=sampler, **kw)
+            self._len = len(sampler) // self.batch_size
+        else:
+            self._loader = DataLoader(dataset, **kw)
+            self._len = dataset.num_batches
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self):
+        return self._len
+
+    def __iter__(self):
+        # Workers are started per epoch (not persistent) so they see the current epoch's state.
+        for images, labels in self._loader:
+            yield images, labels.long()
+
+
+def _dataset_len(dataset):
+    if isinstance(dataset, SequentialRecordDataset):
+        return dataset.num_images
+    return len(dataset)
+
+
+def _cfg(config, key, default=None):
+    try:
+        value = config[key]
+    except (KeyError, TypeError):
+        value = getattr(config, key, default)
+    return default if value is None else value
+
+
+def build_dataset(config, rank=0, size=1):
+    """The training dataset ``config.rec`` names, and its kind: "synthetic", "indexed", "sequential",
+    "folder"."""
+    rec = _cfg(config, "rec", "synthetic")
+    num_classes = _cfg(config, "num_classes")
+    seed = _cfg(config, "seed", 0)
+    corrupt = _cfg(config, "corrupt_images", "fail")
+    if rec == "synthetic":
+        from .synthetic import SyntheticFaceDataset
+        dataset = SyntheticFaceDataset(config)
+        labels = np.asarray(dataset.labels)
+        if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            i = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
+            raise DataError(f"label {int(labels[i])} of synthetic sample {i} is outside [0, {num_classes})")
+        return dataset, "synthetic"
+    rec = os.fspath(rec)
+    if not os.path.isdir(rec):
+        raise DataError(f"config.rec = {rec!r} is neither 'synthetic' nor an existing folder "
+                        f"(a folder with train.rec/train.idx, or an image folder)")
+    rec_path = os.path.join(rec, "train.rec")
+    idx_path = os.path.join(rec, "train.idx")
+    if os.path.isfile(rec_path):
+        if _cfg(config, "shuffled_rec", False):
+            return SequentialRecordDataset(
+                rec_path, idx_path, num_classes=num_classes, rank=rank, world_size=size,
+                batch_size=_cfg(config, "batch_size", 128), num_workers=_cfg(config, "num_workers", 0),
+                shuffle_buffer=_cfg(config, "shuffle_buffer", 10000), seed=seed, corrupt_images=corrupt), \
+                "sequential"
+        return IndexedRecordDataset(rec_path, idx_path, num_classes=num_classes, seed=seed,
+                                    corrupt_images=corrupt), "indexed"
+    return ImageFolderDataset(rec, num_classes=num_classes, seed=seed, corrupt_images=corrupt), "folder"
+
+
+def build_train_loader(config, comm):
+    """The loader of rank ``comm.rank`` of ``comm.size`` for ``config`` (see the module docstring)."""
+    rank, size = int(comm.rank), int(comm.size)
+    batch_size = int(_cfg(config, "batch_size", 128))
+    num_workers = int(_cfg(config, "num_workers", 0))
+    seed = int(_cfg(config, "seed", 0))
+    dataset, kind = build_dataset(config, rank, size)
+    if kind == "sequential":
+        return TrainLoader(dataset, batch_size, num_workers, rank, size, seed, kind=kind)
+    sampler = ShardedSampler(len(dataset), rank, size, batch_size, seed)
+    return TrainLoader(dataset, batch_size, num_workers, rank, size, seed, sampler=sampler, kind=kind)
+
+
+def val_bin_path(config, name):
+    """Path of verification set ``name`` (``<rec>/<name>.bin``), or None when it is not there."""
+    rec = _cfg(config, "rec", "synthetic")
+    if rec == "synthetic":
+        if name == "synthetic_val":
+            from .synthetic import ensure_synthetic
+            return ensure_synthetic(config)["val_bin"]
+        return None
+    path = os.path.join(os.fspath(rec), name + ".bin")
+    return path if os.path.isfile(path) else None

@@ -1,0 +1,425 @@
+"""MXNet RecordIO without MXNet.
+
+Drop-in replacements for ``mxnet.recordio``: ``MXRecordIO``, ``MXIndexedRecordIO``, ``IRHeader``,
+``pack``, ``unpack``, ``pack_img`` and ``unpack_img`` take the same arguments and behave the same, so a
+script ports by changing ``from mxnet import recordio`` into ``from partialfc.data import recordio``.
+Files written here are byte-identical to files written by MXNet (tests/fixtures holds MXNet-made files).
+
+File format (dmlc-core RecordIO, little-endian as written on x86):
+
+* a record is ``magic (uint32 0xced7230a) | lrec (uint32) | payload | zero padding to 4 bytes``;
+* ``lrec``'s upper 3 bits are a continuation flag ``cflag``, its lower 29 bits the part's length;
+* a payload that contains the magic word at a 4-byte-aligned offset is written as several parts split at
+  those offsets with the magic word itself dropped: cflag 1 for the first part, 2 for middle parts, 3 for
+  the last one (0 is a record in one part). The reader joins the parts and puts the magic words back;
+* a record must be shorter than 2**29 bytes.
+
+An ``.idx`` file has one ``key<TAB>byte offset`` line per record. A record written by ``pack`` starts
+with the image record header ``IRHeader`` (struct ``IfQQ``: flag, label, id, id2). When ``flag > 0`` the
+label is ``flag`` float32 values that follow the header, and the header's own label field is 0.
+"""
+import numbers
+import os
+import struct
+from collections import namedtuple
+
+import numpy as np
+
+__all__ = [
+    "MXRecordIO", "MXIndexedRecordIO", "IRHeader", "pack", "unpack", "pack_img", "unpack_img",
+    "RecordIOError", "MAGIC", "MAX_RECORD_BYTES", "read_record_at", "scan_records",
+]
+
+MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+MAX_RECORD_BYTES = 1 << 29          # records must be strictly shorter than this
+_LEN_MASK = (1 << 29) - 1
+_FRAME = struct.Struct("<II")
+
+IRHeader = namedtuple("HEADER", ["flag", "label", "id", "id2"])
+_IR_FORMAT = "IfQQ"
+_IR_STRUCT = struct.Struct("<" + _IR_FORMAT)
+_IR_SIZE = _IR_STRUCT.size           # 24
+
+
+class RecordIOError(ValueError):
+    """A RecordIO file (or its .idx) is malformed; the message names the file, key and offset."""
+
+
+def _where(path, offset, key=None):
+    k = "" if key is None else f", key {key!r}"
+    return f"{path!r}{k}, offset {offset}"
+
+
+def _encode_record(payload):
+    """The framed bytes dmlc-core's RecordIOWriter::WriteRecord emits for ``payload``."""
+    size = len(payload)
+    if size >= MAX_RECORD_BYTES:
+        raise RecordIOError(
+            f"RecordIO records must be shorter than 2**29 = {MAX_RECORD_BYTES} bytes; got {size} bytes")
+    splits = []
+    if MAGIC_BYTES in payload:
+        lower = size & ~3
+        words = np.frombuffer(payload, dtype="<u4", count=lower // 4)
+        splits = (np.flatnonzero(words == MAGIC) * 4).tolist()
+    out = []
+    start = 0
+    for pos in splits:
+        cflag = 1 if start == 0 else 2
+        out.append(_FRAME.pack(MAGIC, (cflag << 29) | (pos - start)))
+        out.append(payload[start:pos])
+        start = pos + 4
+    cflag = 3 if splits else 0
+    out.append(_FRAME.pack(MAGIC, (cflag << 29) | (size - start)))
+    out.append(payload[start:])
+    pad = (-size) & 3
+    if pad:
+        out.append(b"\x00" * pad)
+    return b"".join(out)
+
+
+def _read_part(read, path, offset, key):
+    """One framed part via ``read(n)``; returns (cflag, data, bytes consumed) or None at a clean EOF."""
+    head = read(8)
+    if not head:
+        return None
+    if len(head) < 8:
+        raise RecordIOError(f"truncated RecordIO file {_where(path, offset, key)}: "
+                            f"{len(head)} bytes left where an 8-byte record header was expected")
+    magic, lrec = _FRAME.unpack(head)
+    if magic != MAGIC:
+        raise RecordIOError(f"invalid RecordIO file {_where(path, offset, key)}: magic word 0x{magic:08x}, "
+                            f"expected 0x{MAGIC:08x} (not a .rec file, corrupted, or the offset is not a "
+                            f"record start)")
+    cflag = lrec >> 29
+    length = lrec & _LEN_MASK
+    padded = (length + 3) & ~3
+    data = read(padded)
+    if len(data) < length:
+        raise RecordIOError(f"truncated RecordIO file {_where(path, offset, key)}: the record says "
+                            f"{length} bytes but only {len(data)} remain")
+    return cflag, data[:length], 8 + padded
+
+
+def _read_record(read, path, offset, key=None):
+    """A whole (joined) record via ``read(n)``: (payload, bytes consumed), or None at a clean EOF."""
+    part = _read_part(read, path, offset, key)
+    if part is None:
+        return None
+    cflag, data, used = part
+    if cflag == 0:
+        return data, used
+    if cflag != 1:
+        raise RecordIOError(f"invalid RecordIO file {_where(path, offset, key)}: the record starts with "
+                            f"continuation flag {cflag} (expected 0 or 1)")
+    pieces = [data]
+    while True:
+        part = _read_part(read, path, offset + used, key)
+        if part is None:
+            raise RecordIOError(f"truncated RecordIO file {_where(path, offset, key)}: the file ends "
+                                f"inside a multi-part record")
+        cflag, data, n = part
+        used += n
+        if cflag not in (2, 3):
+            raise RecordIOError(f"invalid RecordIO file {_where(path, offset + used - n, key)}: "
+                                f"continuation flag {cflag} inside a multi-part record")
+        pieces.append(MAGIC_BYTES)
+        pieces.append(data)
+        if cflag == 3:
+            return b"".join(pieces), used
+
+
+def read_record_at(fd, offset, path="<fd>", key=None, size_hint=8192):
+    """Read the record that starts at byte ``offset`` of the open file descriptor ``fd`` with pread.
+
+    Safe to share ``fd`` between threads and forked processes (no file position is involved).
+    """
+    buf = os.pread(fd, size_hint, offset)
+    if len(buf) >= 8:
+        magic, lrec = _FRAME.unpack_from(buf)
+        length = lrec & _LEN_MASK
+        if magic == MAGIC and lrec >> 29 == 0 and len(buf) >= 8 + length:
+            return buf[8:8 + length]
+    pos = [offset]
+
+    def read(n):
+        data = os.pread(fd, n, pos[0])
+        pos[0] += len(data)
+        return data
+
+    rec = _read_record(read, path, offset, key)
+    if rec is None:
+        raise RecordIOError(f"offset past the end of RecordIO file {_where(path, offset, key)} "
+                            f"(file size {os.fstat(fd).st_size})")
+    return rec[0]
+
+
+def scan_records(path, header_bytes=0):
+    """Walk a .rec file without reading payloads: yields (offset, payload length, first bytes).
+
+    ``first bytes`` holds up to ``header_bytes`` bytes of the payload (for IRHeader inspection).
+    Multi-part records are joined for the length and the first bytes.
+    """
+    with open(path, "rb", buffering=1 << 20) as f:
+        offset = 0
+        size = os.fstat(f.fileno()).st_size
+        while offset < size:
+            start = offset
+            total = 0
+            first = b""
+            expect_more = True
+            first_part = True
+            while expect_more:
+                f.seek(offset)
+                head = f.read(8)
+                if len(head) < 8:
+                    raise RecordIOError(f"truncated RecordIO file {_where(path, offset)}: "
+                                        f"{len(head)} bytes left where an 8-byte record header was expected")
+                magic, lrec = _FRAME.unpack(head)
+                if magic != MAGIC:
+                    raise RecordIOError(f"invalid RecordIO file {_where(path, offset)}: magic word "
+                                        f"0x{magic:08x}, expected 0x{MAGIC:08x}")
+                cflag, length = lrec >> 29, lrec & _LEN_MASK
+                if first_part and cflag not in (0, 1):
+                    raise RecordIOError(f"invalid RecordIO file {_where(path, offset)}: the record starts "
+                                        f"with continuation flag {cflag}")
+                if not first_part and cflag not in (2, 3):
+                    raise RecordIOError(f"invalid RecordIO file {_where(path, offset)}: continuation flag "
+                                        f"{cflag} inside a multi-part record")
+                if offset + 8 + length > size:
+                    raise RecordIOError(f"truncated RecordIO file {_where(path, start)}: the record says "
+                                        f"{length} bytes but only {size - offset - 8} remain")
+                if len(first) < header_bytes:
+                    if not first_part:
+                        first += MAGIC_BYTES
+                    first += f.read(min(length, header_bytes - len(first) + 4))
+                total += length + (0 if first_part else 4)
+                offset += 8 + ((length + 3) & ~3)
+                expect_more = cflag in (1, 2)
+                first_part = False
+            yield start, total, first[:header_bytes]
+
+
+class MXRecordIO:
+    """Sequential RecordIO reader (``flag="r"``) or writer (``flag="w"``), as ``mxnet.recordio.MXRecordIO``."""
+
+    def __init__(self, uri, flag):
+        self.uri = os.fspath(uri)
+        self.flag = flag
+        self.pid = None
+        self.is_open = False
+        self.handle = None
+        self.open()
+
+    def open(self):
+        if self.flag == "w":
+            self.handle = open(self.uri, "wb")
+            self.writable = True
+        elif self.flag == "r":
+            self.handle = open(self.uri, "rb", buffering=1 << 20)
+            self.writable = False
+        else:
+            raise ValueError(f"Invalid flag {self.flag}")
+        self.pid = os.getpid()
+        self.is_open = True
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self):
+        """Pickling closes the file; the unpickled object reopens it (as MXNet does)."""
+        is_open = self.is_open
+        self.close()
+        d = dict(self.__dict__)
+        d["is_open"] = is_open
+        d["handle"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__ = d
+        is_open = d["is_open"]
+        self.is_open = False
+        self.handle = None
+        if is_open:
+            self.open()
+
+    def _check_pid(self, allow_reset=False):
+        if self.pid != os.getpid():
+            if allow_reset:
+                self.reset()
+            else:
+                raise RuntimeError("Forbidden operation in multiple processes")
+
+    def close(self):
+        if not self.is_open:
+            return
+        self.handle.close()
+        self.handle = None
+        self.is_open = False
+        self.pid = None
+
+    def reset(self):
+        """Reopen: a reader goes back to the start of the file (a writer truncates it, as MXNet's)."""
+        self.close()
+        self.open()
+
+    def write(self, buf):
+        assert self.writable
+        self._check_pid(allow_reset=False)
+        self.handle.write(_encode_record(bytes(buf)))
+
+    def read(self):
+        """The next record's bytes, or None at the end of the file."""
+        assert not self.writable
+        self._check_pid(allow_reset=True)
+        offset = self.handle.tell()
+        rec = _read_record(self.handle.read, self.uri, offset, getattr(self, "_current_key", None))
+        return None if rec is None else rec[0]
+
+    def tell(self):
+        """Byte offset of the next record to be written or read."""
+        return self.handle.tell()
+
+
+class MXIndexedRecordIO(MXRecordIO):
+    """RecordIO with a ``key<TAB>offset`` index for random access, as ``mxnet.recordio.MXIndexedRecordIO``."""
+
+    def __init__(self, idx_path, uri, flag, key_type=int):
+        self.idx_path = os.fspath(idx_path)
+        self.idx = {}
+        self.keys = []
+        self.key_type = key_type
+        self.fidx = None
+        if flag == "r":
+            if not os.path.isfile(idx_path):
+                raise FileNotFoundError(f"index file {idx_path!r} of RecordIO file {os.fspath(uri)!r} "
+                                        f"does not exist")
+        super().__init__(uri, flag)
+
+    def open(self):
+        super().open()
+        self.idx = {}
+        self.keys = []
+        self.fidx = open(self.idx_path, self.flag)
+        if not self.writable:
+            for lineno, line in enumerate(self.fidx, 1):
+                parts = line.strip().split("\t")
+                if parts == [""]:
+                    continue
+                try:
+                    key = self.key_type(parts[0])
+                    pos = int(parts[1])
+                except (ValueError, IndexError):
+                    raise RecordIOError(f"malformed line {lineno} in index file {self.idx_path!r}: "
+                                        f"{line.rstrip()!r} (expected 'key<TAB>offset')") from None
+                self.idx[key] = pos
+                self.keys.append(key)
+
+    def close(self):
+        if not self.is_open:
+            return
+        super().close()
+        self.fidx.close()
+
+    def __getstate__(self):
+        d = super().__getstate__()
+        d["fidx"] = None
+        return d
+
+    def seek(self, idx):
+        """Position the reader at the record of key ``idx``."""
+        assert not self.writable
+        self._check_pid(allow_reset=True)
+        pos = self.idx[idx]
+        size = os.fstat(self.handle.fileno()).st_size
+        if pos < 0 or pos >= size:
+            raise RecordIOError(f"offset past the end of RecordIO file {_where(self.uri, pos, idx)} "
+                                f"(file size {size}); the index {self.idx_path!r} does not match the file")
+        self.handle.seek(pos)
+
+    def tell(self):
+        assert self.writable
+        return self.handle.tell()
+
+    def read_idx(self, idx):
+        """The record of key ``idx``."""
+        self.seek(idx)
+        self._current_key = idx
+        try:
+            rec = self.read()
+        finally:
+            self._current_key = None
+        if rec is None:
+            raise RecordIOError(f"offset past the end of RecordIO file {_where(self.uri, self.idx[idx], idx)}")
+        return rec
+
+    def write_idx(self, idx, buf):
+        """Append a record under key ``idx``."""
+        key = self.key_type(idx)
+        pos = self.tell()
+        self.write(buf)
+        self.fidx.write("%s\t%d\n" % (str(key), pos))
+        self.idx[key] = pos
+        self.keys.append(key)
+
+
+def pack(header, s):
+    """Prefix ``s`` with an IRHeader; a non-scalar label is stored as float32 values after the header."""
+    header = IRHeader(*header)
+    if isinstance(header.label, numbers.Number):
+        header = header._replace(flag=0)
+    else:
+        label = np.asarray(header.label, dtype=np.float32)
+        header = header._replace(flag=label.size, label=0)
+        s = label.tobytes() + s
+    return _IR_STRUCT.pack(*header) + s
+
+
+def unpack(s):
+    """Split a record into (IRHeader, payload bytes); a multi-value label comes back as a float32 array."""
+    if len(s) < _IR_SIZE:
+        raise RecordIOError(f"record of {len(s)} bytes is shorter than the {_IR_SIZE}-byte IRHeader")
+    header = IRHeader(*_IR_STRUCT.unpack_from(s))
+    s = s[_IR_SIZE:]
+    if header.flag > 0:
+        if len(s) < 4 * header.flag:
+            raise RecordIOError(f"record says it has {header.flag} float32 labels but holds only "
+                                f"{len(s)} bytes after the header")
+        header = header._replace(label=np.frombuffer(s, np.float32, header.flag))
+        s = s[header.flag * 4:]
+    return header, s
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as e:  # pragma: no cover - opencv is a hard requirement of the project
+        raise ImportError("pack_img/unpack_img need OpenCV: pip install opencv-python-headless") from e
+    return cv2
+
+
+def unpack_img(s, iscolor=-1):
+    """Split a record into (IRHeader, image decoded by ``cv2.imdecode(buf, iscolor)``)."""
+    header, s = unpack(s)
+    img = np.frombuffer(s, dtype=np.uint8)
+    img = _cv2().imdecode(img, iscolor)
+    return header, img
+
+
+def pack_img(header, img, quality=95, img_fmt=".jpg"):
+    """Encode ``img`` (BGR, as OpenCV) with ``cv2.imencode`` and pack it after the header."""
+    cv2 = _cv2()
+    encode_params = None
+    if img_fmt.upper() in (".JPG", ".JPEG"):
+        encode_params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    elif img_fmt.upper() == ".PNG":
+        encode_params = [cv2.IMWRITE_PNG_COMPRESSION, quality]
+    if encode_params is None:
+        ret, buf = cv2.imencode(img_fmt, img)
+    else:
+        ret, buf = cv2.imencode(img_fmt, img, encode_params)
+    assert ret, "failed to encode image"
+    return pack(header, buf.tobytes())

@@ -269,6 +269,9 @@ class MXRecordIO:
     def write(self, buf):
         assert self.writable
         self._check_pid(allow_reset=False)
+        if len(buf) >= MAX_RECORD_BYTES:
+            raise RecordIOError(f"RecordIO records must be shorter than 2**29 = {MAX_RECORD_BYTES} bytes; "
+                                f"got {len(buf)} bytes for {self.uri!r}")
         self.handle.write(_encode_record(bytes(buf)))
 
     def read(self):

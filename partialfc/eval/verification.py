@@ -158,21 +158,27 @@ def _model_device_dtype(model):
     return torch.device("cpu"), torch.float32
 
 
-def forward_with_flip(model, batch, device, dtype=torch.float32):
-    """Embed a uint8 ``[n, H, W, 3]`` RGB batch and its horizontal flip; returns two float32 ``[n, D]``.
+def forward_views(model, batch, device, dtype=torch.float32, flip=True):
+    """Embed a uint8 ``[n, H, W, 3]`` RGB batch (and its horizontal flip when ``flip``).
 
-    The caller sets eval mode and ``no_grad``.
+    Returns a list of float32 ``[n, D]`` tensors, one per view. The caller sets eval mode and ``no_grad``.
     """
     x = torch.as_tensor(batch).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).to(torch.float32).sub_(127.5).div_(127.5)
     x = x.to(dtype)
     views = []
-    for inp in (x, torch.flip(x, dims=[3])):
+    for inp in ((x, torch.flip(x, dims=[3])) if flip else (x,)):
         out = model(inp)
         if isinstance(out, (tuple, list)):
             out = out[0]
         views.append(torch.as_tensor(out).float().reshape(inp.shape[0], -1))
-    return views[0], views[1]
+    return views
+
+
+def forward_with_flip(model, batch, device, dtype=torch.float32):
+    """``(embedding, embedding of the flipped image)`` of a uint8 RGB batch, see :func:`forward_views`."""
+    e1, e2 = forward_views(model, batch, device, dtype, flip=True)
+    return e1, e2
 
 
 def embed_images(model, images, batch_size=128, device=None, with_xnorm=False, callback=None):

@@ -51,6 +51,13 @@ class ShardedSampler(Sampler):
         return iter(part.tolist())
 
 
+def collate(samples):
+    """Stack (image, label) samples with numpy: a single-threaded copy, no intra-op thread pool."""
+    images = np.stack([img.numpy() for img, _ in samples])
+    labels = np.fromiter((int(lab) for _, lab in samples), dtype=np.int64, count=len(samples))
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
 class TrainLoader:
     """Iterable of ``(images FloatTensor[b, 3, 112, 112], labels int64[b])`` for one rank."""
 
@@ -64,7 +71,7 @@ class TrainLoader:
         self.num_classes = int(dataset.num_classes)
         self.num_images = int(getattr(dataset, "num_images", None) or _dataset_len(dataset))
         kw = dict(batch_size=self.batch_size, num_workers=int(num_workers), drop_last=True,
-                  pin_memory=torch.cuda.is_available())
+                  pin_memory=torch.cuda.is_available(), collate_fn=collate)
         if int(num_workers) > 0:
             kw["prefetch_factor"] = 4
         if sampler is not None:

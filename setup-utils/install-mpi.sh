@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs Open MPI from Debian's packages when mpirun is not already on PATH.
+# Installs Open MPI (runtime and headers) from Debian's packages unless mpirun and mpicc are already there.
 set -euo pipefail
-if command -v mpirun >/dev/null 2>&1 && [ -e /usr/include/x86_64-linux-gnu/openmpi ] || command -v mpicc >/dev/null 2>&1; then
-  echo "[install-mpi] Open MPI already present: $(mpirun --version 2>/dev/null | head -1)"
+if command -v mpirun >/dev/null 2>&1 && command -v mpicc >/dev/null 2>&1; then
+  echo "[install-mpi] MPI already present: $(mpirun --version 2>/dev/null | head -1)"
   exit 0
 fi
 SUDO=""

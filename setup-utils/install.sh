@@ -27,11 +27,12 @@ rm -f "$TORCH_PIN"
 
 bash "$HERE/install-horovod.sh"
 
-# The package itself, editable, with the compiled extension built in place.
+# The package itself: the compiled extension built in place, and an editable install so that
+# `python -m partialfc...` works from any directory.
 if [ -f "$ROOT/setup.py" ]; then
-  (cd "$ROOT" && $PY setup.py build_ext --inplace -q 2>&1 | tail -n 20)
-  if ! $PY -c 'import partialfc' 2>/dev/null || [ ! -e "$(
-      $PY -c 'import importlib.util,sys; s=importlib.util.find_spec("partialfc"); print(s.origin if s else "")' 2>/dev/null)" ]; then
+  (cd "$ROOT" && $PY setup.py -q build_ext --inplace)
+  INSTALLED=$(cd / && $PY -c 'import os, partialfc; print(os.path.dirname(os.path.dirname(os.path.abspath(partialfc.__file__))))' 2>/dev/null || true)
+  if [ "$INSTALLED" != "$ROOT" ]; then
     $PIP install -q --no-build-isolation --no-deps -e "$ROOT"
   fi
 fi

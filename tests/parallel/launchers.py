@@ -1,0 +1,51 @@
+"""Start a worker script on N local CPU processes under each supported launcher."""
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAUNCHERS = ("horovodrun", "mpirun", "torchrun")
+
+
+def _mpirun_flags(np):
+    flags = ["-np", str(np), "--oversubscribe", "--bind-to", "none",
+             "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"]
+    if os.geteuid() == 0:
+        flags.insert(0, "--allow-run-as-root")
+    return flags
+
+
+def command(launcher, np, script, args):
+    py = [sys.executable, script, *args]
+    if launcher == "horovodrun":
+        return ["horovodrun", "-np", str(np), "-H", f"localhost:{np}", "--gloo", "--network-interface", "lo", *py]
+    if launcher == "mpirun":
+        return ["mpirun", *_mpirun_flags(np), *py]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={np}", *py[1:]]
+    raise ValueError(launcher)
+
+
+def missing(launcher):
+    """Why a launcher cannot run here, or None."""
+    if launcher == "horovodrun":
+        try:
+            import horovod.torch  # noqa: F401
+        except ImportError as exc:
+            return f"horovod.torch is not importable ({exc}); run setup-utils/install.sh"
+        if shutil.which("horovodrun") is None:
+            return "horovodrun is not on PATH; run setup-utils/install.sh"
+    if launcher == "mpirun" and shutil.which("mpirun") is None:
+        return "mpirun is not on PATH; run setup-utils/install-mpi.sh"
+    return None
+
+
+def run(launcher, np, script, args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(command(launcher, np, script, args), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{launcher} -np {np} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc

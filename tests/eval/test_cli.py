@@ -14,6 +14,13 @@ from partialfc.eval.verification import embed_images, load_bin, main
 
 def _export_onnx(model, path):
     model.eval()
+    try:  # the project's exporter (dynamic batch, checked with onnx.checker)
+        from partialfc.tools.export_onnx import export
+    except ImportError:
+        export = None
+    if export is not None:
+        export(model, str(path))
+        return
     x = torch.randn(2, 3, 112, 112)
     try:  # the TorchScript exporter is the quickest; the dynamo one is the fallback where it is gone
         torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["embedding"],

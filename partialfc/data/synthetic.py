@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .transforms import flip_bit
+
 SIZE = 112
 _VERSION = 1  # bump when rendering changes, so caches are regenerated
 
@@ -216,13 +218,18 @@ class SyntheticFaceDataset(Dataset):
         self.labels = np.load(paths["train_labels"])
         self.num_classes = int(config.synthetic_ids)
         self.random_flip = random_flip
+        self.seed, self.epoch = int(config.seed), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
         img = torch.from_numpy(np.array(self.images[i]))  # [112, 112, 3] uint8
-        if self.random_flip and torch.rand(()) < 0.5:
+        # The flip is a function of (seed, epoch, index): the same in every worker and after a resume.
+        if self.random_flip and flip_bit(self.seed, self.epoch, i):
             img = img.flip(1)
         img = img.permute(2, 0, 1).float().sub_(127.5).div_(127.5)
         return img, torch.tensor(int(self.labels[i]), dtype=torch.long)

@@ -207,10 +207,11 @@ class IndexedRecordDataset(_Augmented, Dataset):
             key, off = int(self.keys[i]), int(self.offsets[i])
             header, payload = unpack(self.file.record(off, key))
             label = header_label(header)
-            check_label(label, self.num_classes, self.path, key)
+            if not 0 <= label < self.num_classes:
+                check_label(label, self.num_classes, self.path, key)
             try:
                 img = decode_to_tensor(payload, self._flip(index),
-                                       where=f"record key {key} of {self.path!r} (offset {off})")
+                                       where=lambda: f"record key {key} of {self.path!r} (offset {off})")
             except CorruptImageError as e:
                 if self.corrupt_images == "fail":
                     raise
@@ -270,7 +271,7 @@ class ImageFolderDataset(_Augmented, Dataset):
             with open(path, "rb") as f:
                 buf = f.read()
             try:
-                return decode_to_tensor(buf, self._flip(index), where=f"file {path!r}"), label
+                return decode_to_tensor(buf, self._flip(index), where=lambda: f"file {path!r}"), label
             except CorruptImageError as e:
                 if self.corrupt_images == "fail":
                     raise
@@ -394,21 +395,36 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
                 break
         return spans
 
-    def _records(self, spans):
-        with open(self.path, "rb", buffering=1 << 20) as f:
+    def _records(self, spans, window=8 << 20):
+        """(record index, offset, bytes) of every record in ``spans``, read in large sequential blocks."""
+        offsets = self.offsets
+        frame, magic_word, mask = recordio._FRAME, recordio.MAGIC, recordio._LEN_MASK
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
             for start, stop in spans:
-                off = int(self.offsets[start])
-                f.seek(off)
-                for i in range(start, stop):
-                    expected = int(self.offsets[i])
-                    if off != expected:      # records not in the index (identity records) in between
-                        f.seek(expected)
-                        off = expected
-                    rec = recordio._read_record(f.read, self.path, off)
-                    if rec is None:
-                        raise RecordIOError(f"{self.path!r} ends at offset {off} where record {i} was expected")
-                    yield i, off, rec[0]
-                    off += rec[1]
+                buf, base = b"", 0
+                for i, off in zip(range(start, stop), offsets[start:stop].tolist()):
+                    rel = off - base
+                    if rel < 0 or rel + 8 > len(buf):
+                        buf, base, rel = os.pread(fd, window, off), off, 0
+                        if len(buf) < 8:
+                            raise RecordIOError(f"{self.path!r} ends at offset {off} where record {i} "
+                                                f"was expected")
+                    magic, lrec = frame.unpack_from(buf, rel)
+                    end = rel + 8 + (lrec & mask)
+                    if magic != magic_word or lrec >> 29:
+                        # multi-part record or a bad frame: the general reader joins or reports it
+                        yield i, off, read_record_at(fd, off, self.path)
+                        continue
+                    if end > len(buf):
+                        buf, base, rel = os.pread(fd, max(window, end - rel), off), off, 0
+                        end = 8 + (lrec & mask)
+                        if end > len(buf):
+                            raise RecordIOError(f"truncated RecordIO file {self.path!r}, offset {off}: the "
+                                                f"record says {lrec & mask} bytes but only {len(buf) - 8} remain")
+                    yield i, off, buf[rel + 8:end]
+        finally:
+            os.close(fd)
 
     def __iter__(self):
         info = get_worker_info()
@@ -418,11 +434,15 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
         capacity = max(1, self.shuffle_buffer // nw)
         buf = []
         last = None
+        draws, d = rng.random(4096).tolist(), 0
         for item in self._records(spans):
             if len(buf) < capacity:
                 buf.append(item)
                 continue
-            j = int(rng.integers(len(buf)))
+            if d == len(draws):
+                draws, d = rng.random(4096).tolist(), 0
+            j = int(draws[d] * len(buf))
+            d += 1
             out, buf[j] = buf[j], item
             sample = self._decode(out, buf, rng, last)
             last = sample
@@ -437,10 +457,11 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
         i, off, rec = item
         header, payload = unpack(rec)
         label = header_label(header)
-        check_label(label, self.num_classes, self.path, f"{header.id} (offset {off})")
+        if not 0 <= label < self.num_classes:
+            check_label(label, self.num_classes, self.path, f"{header.id} (offset {off})")
         try:
             return decode_to_tensor(payload, self._flip(i),
-                                    where=f"record key {header.id} of {self.path!r} (offset {off})"), label
+                                    where=lambda: f"record key {header.id} of {self.path!r} (offset {off})"), label
         except CorruptImageError as e:
             if self.corrupt_images == "fail":
                 raise

@@ -34,17 +34,22 @@ def to_tensor(img_bgr, flip=False):
     """BGR uint8 [H, W, 3] -> normalized RGB float tensor [3, 112, 112], mirrored when ``flip``."""
     if img_bgr.shape[0] != IMAGE_SIZE or img_bgr.shape[1] != IMAGE_SIZE:
         img_bgr = cv2.resize(img_bgr, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
-    # BGR -> RGB and the horizontal flip are both reversed strides; one copy makes them contiguous.
-    rgb = img_bgr[:, ::-1, ::-1] if flip else img_bgr[:, :, ::-1]
-    # numpy (single-threaded) instead of torch ops: no intra-op thread pool contention in the workers
-    chw = rgb.transpose(2, 0, 1).astype(np.float32)
-    np.subtract(chw, 127.5, out=chw)
-    np.divide(chw, 127.5, out=chw)
-    return torch.from_numpy(chw)
+    # One strided ufunc pass does the BGR -> RGB swap, the mirror, HWC -> CHW and the uint8 -> float32
+    # conversion; numpy is single-threaded, so workers do not contend for an intra-op thread pool.
+    src = img_bgr[:, ::-1] if flip else img_bgr
+    out = np.empty((3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    np.subtract(src.transpose(2, 0, 1)[::-1], np.float32(127.5), out=out)
+    np.divide(out, np.float32(127.5), out=out)
+    return torch.from_numpy(out)
 
 
 def decode_to_tensor(buf, flip=False, where="image"):
-    return to_tensor(decode_bgr(buf, where), flip)
+    """``where`` (a string, or a callable returning one) names the image in the error message."""
+    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR) if len(buf) else None
+    if img is None:
+        raise CorruptImageError(f"cannot decode {where() if callable(where) else where} ({len(buf)} bytes): "
+                                f"not a valid JPEG/PNG image")
+    return to_tensor(img, flip)
 
 
 def flip_bit(seed, epoch, index):

@@ -222,7 +222,10 @@ class Trainer:
         self.logger = logging.getLogger("partialfc")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
-        if self.comm.rank == 0 and not self.logger.handlers:
+        for handler in list(self.logger.handlers):  # a previous Trainer in this process had its own output
+            self.logger.removeHandler(handler)
+            handler.close()
+        if self.comm.rank == 0:
             os.makedirs(self.output, exist_ok=True)
             fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
             for handler in (logging.StreamHandler(sys.stdout),
@@ -336,7 +339,8 @@ class Trainer:
     # Checkpoints
 
     def _rank_state(self):
-        return dict(weight=self.pfc.weight.detach().cpu(), momentum=self.pfc_optimizer.momentum_buffer().cpu(),
+        self.pfc_optimizer.momentum_buffer()  # materialize it, so the state always holds one
+        return dict(weight=self.pfc.weight.detach().cpu(), pfc_optimizer=self.pfc_optimizer.state_dict(),
                     class_start=self.pfc.class_start, num_local=self.pfc.num_local,
                     sampler=self.pfc.sampler.get_state(), torch_rng=torch.get_rng_state(),
                     cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
@@ -381,7 +385,7 @@ class Trainer:
             self.scaler.load_state_dict(trainer["scaler"])
         with torch.no_grad():
             self.pfc.weight.copy_(mine["weight"])
-            self.pfc_optimizer.momentum_buffer().copy_(mine["momentum"])
+        self.pfc_optimizer.load_state_dict(mine["pfc_optimizer"])  # momentum and the scheduled lr
         self.pfc.sampler.set_state(mine["sampler"])
         torch.set_rng_state(mine["torch_rng"])
         if mine["cuda_rng"] is not None and self.device.type == "cuda":

@@ -1,0 +1,209 @@
+"""The training step and loop: micro-batching, non-finite steps, schedules, checkpoints and exact resume."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from partialfc import PartialFC, SparseSGD, checkpoint
+from partialfc.comm import Communicator
+from partialfc.config import Config, ConfigError, load_config
+from partialfc.hooks import HookBase
+from partialfc.train import Trainer, poly_lr_lambda, step_lr_lambda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _step_only_trainer(model, pfc, gradient_acc=1, amp_dtype=None, scaler=None, max_bad_steps=3):
+    """A Trainer holding just what ``train_step`` uses, around a BatchNorm-free model."""
+    t = Trainer.__new__(Trainer)
+    t.config = Config(clip_grad_norm=None, max_bad_steps=max_bad_steps, gradient_acc=gradient_acc)
+    t.comm, t.device, t.amp_dtype, t.scaler = Communicator(), torch.device("cpu"), amp_dtype, scaler
+    t.model = t.backbone = model
+    t.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    t.pfc, t.pfc_optimizer = pfc, SparseSGD(pfc, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    t.step, t.bad_steps, t.logged = 0, 0, []
+    t.log = t.logged.append
+    return t
+
+
+def _model_and_head(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.PReLU(), nn.Linear(16, 16)).to(dtype)
+    pfc = PartialFC(16, 60, sample_rate=0.25, comm=Communicator(), seed=5).to(dtype)
+    return model, pfc
+
+
+def test_four_micro_batches_of_8_equal_one_batch_of_32():
+    x = torch.randn(32, 3, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 60, (32,))
+    big = _step_only_trainer(*_model_and_head())
+    loss_big = [big.train_step([(x, y)]) for _ in range(2)]
+    micro = _step_only_trainer(*_model_and_head(), gradient_acc=4)
+    loss_micro = [micro.train_step([(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]) for _ in range(2)]
+    assert loss_micro == pytest.approx(loss_big, abs=1e-12)
+    for a, b in zip(big.model.parameters(), micro.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(big.pfc.weight, micro.pfc.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(big.pfc_optimizer.momentum_buffer(), micro.pfc_optimizer.momentum_buffer(),
+                               atol=1e-5, rtol=0)
+    assert not micro.pfc.holding_sample  # released after the step
+
+
+def test_non_finite_step_is_skipped_then_stops_with_advice():
+    model, pfc = _model_and_head(torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    t = _step_only_trainer(model, pfc, amp_dtype=torch.float16, scaler=scaler, max_bad_steps=3)
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 60, (8,))
+    t.train_step([(x, y)])
+    weights = [p.detach().clone() for p in model.parameters()] + [pfc.weight.detach().clone()]
+    poisoned = x.clone()
+    poisoned[0, 0, 0, 0] = math.inf
+    for i in range(2):
+        scale = scaler.get_scale()
+        t.train_step([(poisoned, y)])
+        assert scaler.get_scale() == scale / 2  # the fp16 scale backs off
+        assert t.bad_steps == i + 1
+        assert "step skipped, fp16 scale lowered" in t.logged[-1]
+    after = [p.detach() for p in model.parameters()] + [pfc.weight.detach()]
+    assert all(torch.equal(a, b) for a, b in zip(weights, after))  # nothing moved
+    with pytest.raises(FloatingPointError, match="3 consecutive steps with non-finite .* likely fixes: lower lr"):
+        t.train_step([(poisoned, y)])
+
+
+def test_good_step_resets_the_bad_step_count():
+    model, pfc = _model_and_head(torch.float32)
+    t = _step_only_trainer(model, pfc)
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 60, (8,))
+    bad = x.clone()
+    bad[1] = math.nan
+    t.train_step([(bad, y)])
+    assert t.bad_steps == 1
+    t.train_step([(x, y)])
+    assert t.bad_steps == 0
+
+
+def test_schedules():
+    poly = poly_lr_lambda(max_steps=100, warmup_steps=10)
+    assert poly(0) == pytest.approx(0.1) and poly(9) == pytest.approx(1.0)
+    assert poly(55) == pytest.approx(0.25) and poly(100) == 0.0
+    step = step_lr_lambda([0.5, 75], 0.1, 0, 100)
+    assert [step(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def _tiny_config(tmp_path, **overrides):
+    cfg = load_config(os.path.join(ROOT, "configs", "synthetic.py"), [
+        f"output='{tmp_path / 'out'}'", f"data_root='{tmp_path.parent / 'data'}'", "synthetic_ids=16",
+        "synthetic_images_per_id=8", "synthetic_val_ids=4", "synthetic_val_pairs=8", "val_targets=[]",
+        "batch_size=16", "embedding_size=32", "num_workers=0", "max_steps=6", "frequent=100",
+        "tensorboard=False", "sample_rate=0.5", "comm_backend='single'"])
+    cfg.update(overrides)
+    return cfg
+
+
+class _Losses(HookBase):
+    def __init__(self, stop_at=None):
+        self.losses, self.stop_at = {}, stop_at
+
+    def after_step(self):
+        self.losses[self.trainer.step] = self.trainer.last_loss
+        if self.trainer.step == self.stop_at:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def _train(cfg, stop_at=None):
+    trainer = Trainer(cfg)
+    hook = _Losses(stop_at)
+    trainer.register_hooks([hook])
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        pass
+    return trainer, hook.losses
+
+
+def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path):
+    _, full = _train(_tiny_config(tmp_path / "a", save_every=3))
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    interrupted = _tiny_config(tmp_path / "b", save_every=3)
+    _, first = _train(interrupted, stop_at=4)
+    assert checkpoint.latest_complete(interrupted.output).endswith("step_3")
+    resumed, rest = _train(Config(interrupted, resume=True))
+    assert resumed.step == 6 and sorted(rest) == [4, 5, 6]
+    for step in (1, 2, 3):
+        assert first[step] == pytest.approx(full[step], abs=1e-6)
+    for step in (4, 5, 6):
+        assert rest[step] == pytest.approx(full[step], abs=1e-6), (step, rest, full)
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    cfg = _tiny_config(tmp_path, save_every=2, max_steps=2)
+    _train(cfg)
+    folder = checkpoint.latest_complete(cfg.output)
+    state = checkpoint.load(os.path.join(folder, "trainer.pt"))
+    state["world_size"] = 4
+    checkpoint.save_atomic(state, os.path.join(folder, "trainer.pt"))
+    manifest = os.path.join(folder, checkpoint.MANIFEST)
+    os.remove(manifest)
+    checkpoint.write_manifest(folder, 1, 2)
+    with pytest.raises(RuntimeError, match="written by 4 ranks; this run has 1"):
+        Trainer(Config(cfg, resume=True))
+
+
+KILL_SCRIPT = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+from partialfc import checkpoint
+from partialfc.config import Config
+from partialfc.train import Trainer
+import json
+cfg = Config(json.loads({cfg!r}))
+real_save = checkpoint.save_atomic
+def slow_save(obj, path):
+    if "step_4" in path and path.endswith("trainer.pt"):
+        # Write half of the file under its temporary name, then hang: the parent kills us here.
+        with open(path + ".tmp-partial", "wb") as f:
+            f.write(b"\0" * 4096)
+        open(os.path.join(os.path.dirname(path), "KILL_ME"), "w").close()
+        time.sleep(600)
+    real_save(obj, path)
+checkpoint.save_atomic = slow_save
+Trainer(cfg).train()
+"""
+
+
+def test_sigkill_during_a_checkpoint_save_loses_nothing(tmp_path):
+    import json
+    cfg = _tiny_config(tmp_path, save_every=2, max_steps=6)
+    script = KILL_SCRIPT.format(root=ROOT, cfg=json.dumps(cfg))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    marker = os.path.join(cfg.output, "checkpoints", "step_4", "KILL_ME")
+    deadline = time.time() + 300
+    while not os.path.exists(marker):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "the run never reached the step-4 save"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # The torn step-4 folder is ignored; step 2 is whole and resumes.
+    assert checkpoint.latest_complete(cfg.output).endswith("step_2")
+    resumed = Trainer(Config(cfg, resume=True))
+    assert resumed.step == 2
+
+
+def test_zero_optimizer_needs_torch_distributed(tmp_path):
+    with pytest.raises(ConfigError, match="zero_optimizer=True is not supported with the 'single' backend"):
+        Trainer(_tiny_config(tmp_path, zero_optimizer=True))
+
+
+def test_bf16_training_runs_and_learns(tmp_path):
+    cfg = _tiny_config(tmp_path, amp_dtype="bfloat16", max_steps=8, lr=0.05)
+    trainer, losses = _train(cfg)
+    assert trainer.amp_dtype == torch.bfloat16 and trainer.scaler is None
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[8] < losses[1]

@@ -97,6 +97,26 @@ class TrainLoader:
             yield images, labels.long()
 
 
+class RandomFaceDataset(torch.utils.data.Dataset):
+    """``rec="random"``: one fixed random image and pseudo-random labels, for throughput runs without I/O
+    (like arcface_torch's synthetic speed benchmark)."""
+
+    def __init__(self, num_classes, num_image, seed=0):
+        if not num_classes or not num_image:
+            raise DataError("rec='random' needs num_classes and num_image in the config")
+        self.num_classes, self.num_images = int(num_classes), int(num_image)
+        gen = torch.Generator().manual_seed(int(seed))
+        self.image = torch.rand(3, 112, 112, generator=gen).mul_(2).sub_(1)
+        self.seed = int(seed)
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        label = (index * 2654435761 + self.seed) % self.num_classes
+        return self.image, label
+
+
 def _dataset_len(dataset):
     if isinstance(dataset, SequentialRecordDataset):
         return dataset.num_images
@@ -126,6 +146,8 @@ def build_dataset(config, rank=0, size=1):
             i = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
             raise DataError(f"label {int(labels[i])} of synthetic sample {i} is outside [0, {num_classes})")
         return dataset, "synthetic"
+    if rec == "random":
+        return RandomFaceDataset(num_classes, _cfg(config, "num_image"), seed), "random"
     rec = os.fspath(rec)
     if not os.path.isdir(rec):
         raise DataError(f"config.rec = {rec!r} is neither 'synthetic' nor an existing folder "

@@ -7,6 +7,9 @@ from .registry import available_backbones, get_model, register_backbone
 
 # Importing a module registers the backbones it defines.
 from . import small  # noqa: F401,E402
+from . import iresnet  # noqa: F401,E402
+from . import mobilefacenet  # noqa: F401,E402
+from . import vit  # noqa: F401,E402
 
 
 

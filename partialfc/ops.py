@@ -26,6 +26,9 @@ def _sample_distinct(n, k, generator, device):
     """``k`` distinct integers drawn uniformly from ``[0, n)``, in expected O(k) time, unsorted."""
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=device)
+    if generator is not None and generator.device != torch.device(device):
+        # A generator draws on its own device (e.g. the head's CPU sampler with CUDA labels).
+        return _sample_distinct(n, k, generator, generator.device).to(device)
     if 2 * k >= n:
         # Dense regime: a permutation costs O(n) = O(k) here.
         return torch.randperm(n, generator=generator, device=device)[:k]
@@ -178,10 +181,108 @@ def sparse_sgd_update_ref(weight, momentum_buffer, index, grad_rows, lr, momentu
 
 # ---------------------------------------------------------------------------------------------------------
 # Dispatch: the compiled kernels when ``partialfc._C`` is built, the references otherwise.
+#
+# The ``*_fused`` functions call ``torch.ops.partialfc`` directly (same signatures and results as the
+# references, up to float rounding; the sampler draws from its own seeded generator, so its negatives differ).
+# The unsuffixed names pick the kernels when the extension is loaded, not disabled by PARTIALFC_DISABLE_EXT,
+# and has kernels for the tensors' device; otherwise the references.
 
-sample_classes = sample_classes_ref
-gather_normalize = gather_normalize_ref
-gather_normalize_backward = gather_normalize_backward_ref
-margin_softmax_forward = margin_softmax_forward_ref
-margin_softmax_backward = margin_softmax_backward_ref
-sparse_sgd_update = sparse_sgd_update_ref
+from . import _ext  # noqa: E402  (loads partialfc._C, registers fake kernels and autograd)
+
+
+def _draw_seed(generator):
+    """One 62-bit seed for the compiled sampler, drawn from ``generator`` (or the default generator)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2 ** 62, (), generator=generator, device=device))
+
+
+def sample_classes_fused(labels, class_start, num_local, num_sample, generator=None):
+    return torch.ops.partialfc.sample_classes(labels, int(class_start), int(num_local), int(num_sample),
+                                              _draw_seed(generator))
+
+
+def gather_normalize_fused(weight, index, out_dtype=None):
+    return torch.ops.partialfc.gather_normalize(weight, index, out_dtype or weight.dtype)
+
+
+def gather_normalize_backward_fused(grad_normalized, normalized, inv_norm):
+    return torch.ops.partialfc.gather_normalize_backward(grad_normalized.to(normalized.dtype), normalized, inv_norm)
+
+
+def margin_softmax_forward_fused(logits, labels, s, m1, m2, m3, filter_threshold=0.0):
+    return torch.ops.partialfc.margin_softmax_forward(logits, labels, float(s), float(m1), float(m2), float(m3),
+                                                      float(filter_threshold or 0.0))
+
+
+def margin_softmax_backward_fused(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
+                                  grad_scale, filter_threshold=0.0):
+    torch.ops.partialfc.margin_softmax_backward(logits, labels, global_max, global_sum_exp, target_cos, float(s),
+                                                float(m1), float(m2), float(m3), float(grad_scale),
+                                                float(filter_threshold or 0.0))
+    return logits
+
+
+def sparse_sgd_update_fused(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
+    torch.ops.partialfc.sparse_sgd_update(weight, momentum_buffer, index, grad_rows, float(lr), float(momentum),
+                                          float(weight_decay))
+
+
+def use_fused(device):
+    """True when the compiled kernels serve tensors on ``device`` (loaded, enabled, built for it)."""
+    return _ext.enabled() and _ext.supports(device)
+
+
+def sample_classes(labels, class_start, num_local, num_sample, generator=None):
+    impl = sample_classes_fused if use_fused(labels.device) else sample_classes_ref
+    return impl(labels, class_start, num_local, num_sample, generator)
+
+
+def gather_normalize(weight, index, out_dtype=None):
+    impl = gather_normalize_fused if use_fused(weight.device) else gather_normalize_ref
+    return impl(weight, index, out_dtype)
+
+
+def gather_normalize_backward(grad_normalized, normalized, inv_norm):
+    impl = gather_normalize_backward_fused if use_fused(normalized.device) else gather_normalize_backward_ref
+    return impl(grad_normalized, normalized, inv_norm)
+
+
+def margin_softmax_forward(logits, labels, s, m1, m2, m3, filter_threshold=0.0):
+    impl = margin_softmax_forward_fused if use_fused(logits.device) else margin_softmax_forward_ref
+    return impl(logits, labels, s, m1, m2, m3, filter_threshold)
+
+
+def margin_softmax_backward(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3, grad_scale,
+                            filter_threshold=0.0):
+    impl = margin_softmax_backward_fused if use_fused(logits.device) else margin_softmax_backward_ref
+    return impl(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3, grad_scale, filter_threshold)
+
+
+def sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
+    impl = sparse_sgd_update_fused if use_fused(weight.device) else sparse_sgd_update_ref
+    return impl(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay)
+
+
+class _Reference:
+    """The reference ops under the dispatching names (what ``implementation(False)`` returns)."""
+    sample_classes = staticmethod(sample_classes_ref)
+    gather_normalize = staticmethod(gather_normalize_ref)
+    gather_normalize_backward = staticmethod(gather_normalize_backward_ref)
+    margin_softmax_forward = staticmethod(margin_softmax_forward_ref)
+    margin_softmax_backward = staticmethod(margin_softmax_backward_ref)
+    sparse_sgd_update = staticmethod(sparse_sgd_update_ref)
+
+
+class _Dispatching:
+    """The dispatching ops (what ``implementation(True)`` returns)."""
+    sample_classes = staticmethod(sample_classes)
+    gather_normalize = staticmethod(gather_normalize)
+    gather_normalize_backward = staticmethod(gather_normalize_backward)
+    margin_softmax_forward = staticmethod(margin_softmax_forward)
+    margin_softmax_backward = staticmethod(margin_softmax_backward)
+    sparse_sgd_update = staticmethod(sparse_sgd_update)
+
+
+def implementation(use_ext=True):
+    """The op set a caller should use: the dispatching ops, or the references when ``use_ext`` is false."""
+    return _Dispatching if use_ext else _Reference

@@ -11,6 +11,11 @@ Class centers are split into contiguous ranges, one per rank. A step on rank r o
 
 The gradient of the sampled rows lands in ``sampled_rows.grad`` [S, D]; ``SparseSGD`` applies it to those
 rows only, so no ``[num_local, D]`` gradient ever exists.
+
+With the compiled kernels (``partialfc._C``, ``use_ext=True``) the step runs through ``_FusedMarginSoftmaxLoss``:
+the same math with the fused ops, the GEMMs on ``torch.mm`` into buffers that are reused from step to step
+(sampled centers, logits, gradient rows), so a step allocates no large tensor. ``sampled_rows.grad`` is then
+a view of such a buffer, valid until the next backward.
 """
 import math
 
@@ -27,38 +32,34 @@ class _SampledCenters(torch.autograd.Function):
     """``normalize(weight[index])``; the gradient goes to ``sink`` (a [S, D] stand-in for those rows)."""
 
     @staticmethod
-    def forward(ctx, sink, weight, index, out_dtype):
-        normalized, inv_norm = ops.gather_normalize(weight, index, out_dtype)
+    def forward(ctx, sink, weight, index, out_dtype, impl=ops):
+        normalized, inv_norm = impl.gather_normalize(weight, index, out_dtype)
         ctx.save_for_backward(normalized, inv_norm)
+        ctx.impl = impl
         return normalized
 
     @staticmethod
     def backward(ctx, grad_normalized):
         normalized, inv_norm = ctx.saved_tensors
-        return ops.gather_normalize_backward(grad_normalized, normalized, inv_norm), None, None, None
+        return ctx.impl.gather_normalize_backward(grad_normalized, normalized, inv_norm), None, None, None, None
 
 
 class _DistributedMarginSoftmaxLoss(torch.autograd.Function):
     """Mean cross-entropy of margin logits whose classes are spread over the ranks."""
 
     @staticmethod
-    def forward(ctx, cosines, target, margin, filter_threshold, comm):
+    def forward(ctx, cosines, target, margin, filter_threshold, comm, impl=ops):
         s, m1, m2, m3 = margin
         # The softmax runs in at least float32 even when the GEMM ran in bf16/fp16.
         logits = cosines.detach()
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
-        row_max, sum_exp, target_logit, target_cos = ops.margin_softmax_forward(
+        row_max, sum_exp, target_logit, target_cos = impl.margin_softmax_forward(
             logits, target, s, m1, m2, m3, filter_threshold)
-        batch = target.shape[0]
-        # Horovod: one small collective combines every rank's partial softmax statistics.
-        stats = comm.allgather(torch.stack([row_max, sum_exp, target_logit], dim=1)).view(comm.size, batch, 3)
-        global_max = stats[:, :, 0].max(dim=0).values  # [B]
-        global_sum_exp = (stats[:, :, 1] * torch.exp(stats[:, :, 0] - global_max)).sum(dim=0)  # [B]
-        global_target = stats[:, :, 2].sum(dim=0)  # [B]: each row's target lives on exactly one rank
-        loss = (global_max + torch.log(global_sum_exp) - global_target).mean()
+        loss, global_max, global_sum_exp = _combine_statistics(comm, row_max, sum_exp, target_logit)
         ctx.save_for_backward(logits, target, global_max, global_sum_exp, target_cos)
         ctx.margin, ctx.filter_threshold, ctx.cosine_dtype = margin, filter_threshold, cosines.dtype
+        ctx.impl = impl
         return loss
 
     @staticmethod
@@ -66,9 +67,111 @@ class _DistributedMarginSoftmaxLoss(torch.autograd.Function):
         logits, target, global_max, global_sum_exp, target_cos = ctx.saved_tensors
         s, m1, m2, m3 = ctx.margin
         grad_scale = float(grad_loss) / target.shape[0]
-        grad = ops.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos,
-                                           s, m1, m2, m3, grad_scale, ctx.filter_threshold)
-        return grad.to(ctx.cosine_dtype), None, None, None, None
+        grad = ctx.impl.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos,
+                                                s, m1, m2, m3, grad_scale, ctx.filter_threshold)
+        return grad.to(ctx.cosine_dtype), None, None, None, None, None
+
+
+def _combine_statistics(comm, row_max, sum_exp, target_logit):
+    """``(loss, global_max [B], global_sum_exp [B])`` from every rank's partial softmax statistics."""
+    batch = row_max.shape[0]
+    # Horovod: one small collective combines every rank's partial softmax statistics.
+    stats = comm.allgather(torch.stack([row_max, sum_exp, target_logit], dim=1)).view(comm.size, batch, 3)
+    global_max = stats[:, :, 0].max(dim=0).values  # [B]
+    global_sum_exp = (stats[:, :, 1] * torch.exp(stats[:, :, 0] - global_max)).sum(dim=0)  # [B]
+    global_target = stats[:, :, 2].sum(dim=0)  # [B]: each row's target lives on exactly one rank
+    loss = (global_max + torch.log(global_sum_exp) - global_target).mean()
+    return loss, global_max, global_sum_exp
+
+
+class _Workspace:
+    """Buffers the fused path reuses from step to step (on CPU a fresh 200 MB tensor costs more page faults
+    than the gather that fills it). ``generation`` counts forwards, so a stale backward is detected."""
+
+    def __init__(self):
+        self.buffers = {}
+        self.generation = 0
+
+    def get(self, name, shape, dtype, device):
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            self.buffers[name] = None  # free the old one first
+            buf = self.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+class _FusedMarginSoftmaxLoss(torch.autograd.Function):
+    """The head's step on the compiled kernels: gather-normalize, GEMM, margin softmax and their backward.
+
+    ``features`` [B, D] are the normalized embeddings in the compute dtype. The gradient of the sampled raw
+    rows is written into the workspace and set as ``sink.grad`` directly (handing it to autograd would make
+    it copy the buffer, since the workspace keeps a reference).
+    """
+
+    @staticmethod
+    def forward(ctx, features, sink, weight, index, target, head):
+        ws, device = head._workspace, weight.device
+        num_sample, dim, batch = index.numel(), weight.shape[1], features.shape[0]
+        compute_dtype, acc_dtype = features.dtype, sink.dtype
+        with torch.autocast(device.type, enabled=False):
+            centers = ws.get("centers", (num_sample, dim), compute_dtype, device)
+            inv_norm = ws.get("inv_norm", (num_sample,), acc_dtype, device)
+            torch.ops.partialfc.gather_normalize_out(weight, index, centers, inv_norm)
+            logits = ws.get("logits", (batch, num_sample), acc_dtype, device)
+            if compute_dtype == acc_dtype:
+                torch.mm(features, centers.t(), out=logits)
+            else:
+                low = ws.get("logits_lowp", (batch, num_sample), compute_dtype, device)
+                torch.mm(features, centers.t(), out=low)
+                logits.copy_(low)
+            s, m1, m2, m3 = head.margin
+            row_max, sum_exp, target_logit, target_cos = torch.ops.partialfc.margin_softmax_forward(
+                logits, target, s, m1, m2, m3, head.interclass_filtering_threshold)
+            loss, global_max, global_sum_exp = _combine_statistics(head.comm, row_max, sum_exp, target_logit)
+        ws.generation += 1
+        ctx.generation, ctx.head, ctx.sink = ws.generation, head, sink
+        ctx.save_for_backward(features)
+        ctx.buffers = (centers, inv_norm, logits, target, global_max, global_sum_exp, target_cos)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        head = ctx.head
+        ws = head._workspace
+        if ctx.generation != ws.generation:
+            raise RuntimeError("PartialFC (fused kernels) reuses its buffers from step to step: backward must "
+                               "follow the forward that produced the loss, before the next forward. Construct "
+                               "PartialFC(..., use_ext=False) to keep several graphs alive.")
+        (features,) = ctx.saved_tensors
+        centers, inv_norm, logits, target, global_max, global_sum_exp, target_cos = ctx.buffers
+        ctx.buffers = None
+        s, m1, m2, m3 = head.margin
+        grad_scale = float(grad_loss) / target.shape[0]
+        compute_dtype, acc_dtype, device = features.dtype, logits.dtype, logits.device
+        num_sample, dim = centers.shape
+        with torch.autocast(device.type, enabled=False):
+            torch.ops.partialfc.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos,
+                                                        s, m1, m2, m3, grad_scale,
+                                                        head.interclass_filtering_threshold)
+            grad_logits = logits
+            if compute_dtype != acc_dtype:
+                grad_logits = ws.get("logits_lowp", logits.shape, compute_dtype, device).copy_(logits)
+            grad_features = torch.mm(grad_logits, centers) if ctx.needs_input_grad[0] else None
+            if ctx.needs_input_grad[1]:
+                rows = ws.get("grad_rows", (num_sample, dim), acc_dtype, device)
+                grad_centers = rows
+                if compute_dtype != acc_dtype:
+                    grad_centers = ws.get("grad_centers_lowp", (num_sample, dim), compute_dtype, device)
+                torch.mm(grad_logits.t(), features, out=grad_centers)
+                # In place when grad_centers is rows.
+                torch.ops.partialfc.gather_normalize_backward_out(grad_centers, centers, inv_norm, rows)
+                if ctx.sink.grad is None:
+                    # Accumulating micro-batches: the next backward reuses this buffer, so keep a copy.
+                    ctx.sink.grad = rows.clone() if head.holding_sample else rows
+                else:
+                    ctx.sink.grad.add_(rows)
+        return grad_features, None, None, None, None, None
 
 
 def partition_classes(num_classes, rank, world_size):
@@ -85,7 +188,7 @@ class PartialFC(nn.Module):
     """
 
     def __init__(self, embedding_size, num_classes, sample_rate=1.0, margin=(64.0, 1.0, 0.5, 0.0), comm=None,
-                 interclass_filtering_threshold=0.0, seed=2048):
+                 interclass_filtering_threshold=0.0, seed=2048, use_ext=True):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -105,7 +208,13 @@ class PartialFC(nn.Module):
                                    requires_grad=False)
         self.sampler = torch.Generator().manual_seed(seed * 7919 + self.comm.rank)
         self.sampled_index = None  # [S] local class ids of the current step
+        self.holding_sample = False  # see hold_sample()
         self.sampled_rows = None   # [S, D] stand-in leaf whose .grad is the gradient of weight[sampled_index]
+        # use_ext: the compiled kernels of partialfc._C when they are loaded (PARTIALFC_DISABLE_EXT=1 also
+        # turns them off); False forces the pure-PyTorch reference ops.
+        self.use_ext = bool(use_ext)
+        self._ops = ops.implementation(self.use_ext)
+        self._workspace = _Workspace()
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
@@ -134,25 +243,55 @@ class PartialFC(nn.Module):
 
     def sample(self, labels):
         """``(index [S], target [B])`` for the global labels; see ``ops.sample_classes_ref``."""
-        return ops.sample_classes(labels, self.class_start, self.num_local, self.num_sample, self.sampler)
+        return self._ops.sample_classes(labels, self.class_start, self.num_local, self.num_sample, self.sampler)
+
+    def _remap(self, labels, index):
+        local = labels - self.class_start
+        target = torch.full_like(labels, -1)
+        is_local = (local >= 0) & (local < self.num_local)
+        target[is_local] = torch.searchsorted(index, local[is_local])
+        return target
+
+    def hold_sample(self, local_labels_list):
+        """Sample once for several micro-batches (a list of their local label tensors), and reuse that sample
+        in each forward until ``hold_sample(None)``; the centers' gradients then accumulate in
+        ``sampled_rows.grad``, exactly as one forward over the concatenated batch would give them."""
+        if local_labels_list is None:
+            self.holding_sample = False
+            return
+        labels = torch.cat([self.comm.allgather(lab.long()) for lab in local_labels_list])
+        self._start_sample(self.sample(labels)[0])
+        self.holding_sample = True
+
+    def _start_sample(self, index):
+        """Make ``index`` the current sample, with a fresh stand-in for its rows' gradient."""
+        self.sampled_index = index
+        acc_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        # The stand-in costs no memory: a zero-stride view; only its gradient is materialized.
+        self.sampled_rows = torch.zeros((), dtype=acc_dtype, device=self.weight.device).expand(
+            index.numel(), self.embedding_size).requires_grad_()
 
     def forward(self, local_embeddings, local_labels):
         labels = self._gather_labels(local_embeddings, local_labels)  # [B]
         embeddings = allgather_with_grad(local_embeddings, self.comm)  # [B, D]
 
-        index, target = self.sample(labels)  # [S], [B]
-        self.sampled_index = index
         weight = self.weight
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
-        # The stand-in costs no memory: a zero-stride view; only its gradient is materialized.
-        self.sampled_rows = torch.zeros((), dtype=acc_dtype, device=weight.device).expand(
-            index.numel(), self.embedding_size).requires_grad_()
+        if self.holding_sample:
+            # Micro-batches of one optimizer step share the sample and the stand-in, so gradients add up.
+            index, target = self.sampled_index, self._remap(labels, self.sampled_index)
+        else:
+            index, target = self.sample(labels)  # [S], [B]
+            self._start_sample(index)
 
         device_type = embeddings.device.type
         compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                          else torch.promote_types(embeddings.dtype, weight.dtype))
-        centers = _SampledCenters.apply(self.sampled_rows, weight, index, compute_dtype)  # [S, D]
+        if self.use_ext and ops.use_fused(weight.device):
+            features = F.normalize(embeddings.to(acc_dtype), dim=1).to(compute_dtype)  # [B, D]
+            return _FusedMarginSoftmaxLoss.apply(features, self.sampled_rows, weight, index, target, self)
+        centers = _SampledCenters.apply(self.sampled_rows, weight, index, compute_dtype, self._ops)  # [S, D]
         features = F.normalize(embeddings.to(acc_dtype), dim=1).to(compute_dtype)  # [B, D]
         cosines = torch.mm(features, centers.t())  # [B, S]
         return _DistributedMarginSoftmaxLoss.apply(cosines, target, self.margin,
-                                                   self.interclass_filtering_threshold, self.comm)
+                                                   self.interclass_filtering_threshold, self.comm, self._ops)

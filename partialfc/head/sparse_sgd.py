@@ -36,8 +36,9 @@ class SparseSGD(torch.optim.Optimizer):
             return loss
         group = self.param_groups[0]
         grad = rows.grad if grad_scale == 1.0 else rows.grad / grad_scale
-        ops.sparse_sgd_update(group["params"][0], self.momentum_buffer(), self.pfc.sampled_index, grad,
-                              group["lr"], group["momentum"], group["weight_decay"])
+        impl = getattr(self.pfc, "_ops", ops)  # the head's op set (reference ops when use_ext=False)
+        impl.sparse_sgd_update(group["params"][0], self.momentum_buffer(), self.pfc.sampled_index, grad,
+                               group["lr"], group["momentum"], group["weight_decay"])
         return loss
 
     def zero_grad(self, set_to_none=True):

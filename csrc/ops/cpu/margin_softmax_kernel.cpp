@@ -1,0 +1,255 @@
+// CPU margin-softmax forward (statistics) and backward, in place on the logits buffer. One row per task
+// of at::parallel_for; a row is swept twice while it sits in the L2 cache (transform + max, then sum-exp).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "../checks.h"
+#include "../margin.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// Hot float loops get an AVX2/FMA clone chosen at load time; other machines run the baseline build.
+#define PARTIALFC_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PARTIALFC_CLONES
+#endif
+
+namespace partialfc {
+namespace {
+
+// exp(x) for float in straight-line code the compiler vectorizes (a Cephes-style polynomial on
+// x = n ln2 + r, |r| <= ln2 / 2); relative error below 2 ulp; 0 below -87.3 and +inf above 88.7.
+inline float exp_f32(float x) {
+  const float hi = 88.7228391f, lo = -87.3365447f;
+  const float xc = x > hi ? hi : (x < lo ? lo : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t ti;
+  std::memcpy(&ti, &t, sizeof(ti));
+  const int32_t e = (ti - 0x4B400000) + 127;
+  int32_t bits = e << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float result = p * scale;
+  result = x < lo ? 0.0f : result;
+  result = x > hi ? std::numeric_limits<float>::infinity() : result;
+  return x != x ? x : result;
+}
+
+PARTIALFC_CLONES float sum_exp_f32(const float* row, int64_t n, float shift) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += exp_f32(row[j] - shift);
+  return sum;
+}
+
+PARTIALFC_CLONES void softmax_scale_f32(float* row, int64_t n, float shift, float inv_sum, float scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] = exp_f32(row[j] - shift) * inv_sum * scale;
+}
+
+// Clamp to [-1, 1], multiply by s, and return the row max; the target column (if any) is rewritten after.
+PARTIALFC_CLONES float clamp_scale_max_f32(float* row, int64_t n, float s) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    float v = row[j];
+    v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+    v = v * s;
+    row[j] = v;
+    mx = v > mx ? v : mx;
+  }
+  return mx;
+}
+
+template <typename scalar_t>
+inline scalar_t* row_ptr(const at::Tensor& t, int64_t r) {
+  return t.data_ptr<scalar_t>() + r * t.stride(0);
+}
+
+template <typename scalar_t>
+void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams& mp, at::Tensor& row_max,
+                  at::Tensor& sum_exp, at::Tensor& target_logit, at::Tensor& target_cos) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = logits.size(0), cols = logits.size(1), cs = logits.stride(1);
+  const acc_t s = static_cast<acc_t>(mp.s), m1 = static_cast<acc_t>(mp.m1), m2 = static_cast<acc_t>(mp.m2),
+              m3 = static_cast<acc_t>(mp.m3), thr = static_cast<acc_t>(mp.filter_threshold);
+  const bool plain = mp.plain(), filter = mp.filter_threshold > 0;
+  scalar_t* out_max = row_max.data_ptr<scalar_t>();
+  scalar_t* out_sum = sum_exp.data_ptr<scalar_t>();
+  scalar_t* out_tl = target_logit.data_ptr<scalar_t>();
+  scalar_t* out_tc = target_cos.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* row = row_ptr<scalar_t>(logits, r);
+      const int64_t t = labels[r];
+      TORCH_CHECK(t >= -1 && t < cols, "margin_softmax_forward: labels[", r, "] = ", t, " is outside [-1, ", cols, ")");
+      acc_t tc = 0;
+      if (t >= 0) tc = clamp_cos(static_cast<acc_t>(row[t * cs]));
+      const bool filter_row = filter && t >= 0;
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      bool done = false;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (cs == 1 && !filter_row) {
+          mx = clamp_scale_max_f32(row, cols, s);
+          done = true;
+        }
+      }
+      if (!done) {
+        for (int64_t j = 0; j < cols; ++j) {
+          acc_t v = clamp_cos(static_cast<acc_t>(row[j * cs]));
+          // Inter-class filtering: a non-target class too close to the sample gets logit 0.
+          if (filter_row && j != t && v > thr) v = 0;
+          const scalar_t stored = static_cast<scalar_t>(v * s);
+          row[j * cs] = stored;
+          mx = std::max(mx, static_cast<acc_t>(stored));
+        }
+      }
+      acc_t tl = 0;
+      if (t >= 0) {
+        const scalar_t stored = static_cast<scalar_t>(margin_value(tc, m1, m2, m3, plain) * s);
+        row[t * cs] = stored;
+        tl = static_cast<acc_t>(stored);
+        // The target column changed: the row max must account for it (recompute only if it was the max).
+        if (tl > mx) {
+          mx = tl;
+        } else if (static_cast<acc_t>(static_cast<scalar_t>(tc * s)) == mx || mx != mx) {
+          mx = -std::numeric_limits<acc_t>::infinity();
+          for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, static_cast<acc_t>(row[j * cs]));
+        }
+      }
+      acc_t sum = 0;
+      if (cols > 0) {
+        done = false;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (cs == 1) {
+            sum = sum_exp_f32(row, cols, mx);
+            done = true;
+          }
+        }
+        if (!done) {
+          for (int64_t j = 0; j < cols; ++j) sum += std::exp(static_cast<acc_t>(row[j * cs]) - mx);
+        }
+      }
+      out_max[r] = static_cast<scalar_t>(mx);
+      out_sum[r] = static_cast<scalar_t>(sum);
+      out_tl[r] = static_cast<scalar_t>(tl);
+      out_tc[r] = static_cast<scalar_t>(t >= 0 ? tc : acc_t(0));
+    }
+  });
+}
+
+void check_logits(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [B, S], got ", logits.sizes());
+  TORCH_CHECK(is_float_type(logits.scalar_type()), op, ": logits must be a floating tensor, got ",
+              logits.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong, op,
+              ": labels must be int64 [", logits.size(0), "], got ", labels.scalar_type(), " ", labels.sizes());
+  TORCH_CHECK(labels.device() == logits.device(), op, ": labels are on ", labels.device(), ", logits on ",
+              logits.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
+    at::Tensor& logits, const at::Tensor& labels, double s, double m1, double m2, double m3,
+    double filter_threshold) {
+  check_logits(logits, labels, "margin_softmax_forward");
+  const int64_t rows = logits.size(0);
+  auto opts = logits.options();
+  at::Tensor row_max = at::empty({rows}, opts), sum_exp = at::empty({rows}, opts);
+  at::Tensor target_logit = at::empty({rows}, opts), target_cos = at::empty({rows}, opts);
+  if (rows == 0) return {row_max, sum_exp, target_logit, target_cos};
+  const at::Tensor lab = labels.contiguous();
+  const MarginParams mp{s, m1, m2, m3, filter_threshold};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "margin_softmax_forward", [&] {
+    forward_rows<scalar_t>(logits, lab.const_data_ptr<int64_t>(), mp, row_max, sum_exp, target_logit, target_cos);
+  });
+  return {row_max, sum_exp, target_logit, target_cos};
+}
+
+template <typename scalar_t>
+void backward_rows(at::Tensor& logits, const int64_t* labels, const at::Tensor& gmax, const at::Tensor& gsum,
+                   const at::Tensor& tcos, const MarginParams& mp, double grad_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = logits.size(0), cols = logits.size(1), cs = logits.stride(1);
+  const acc_t m1 = static_cast<acc_t>(mp.m1), m2 = static_cast<acc_t>(mp.m2);
+  const acc_t scale = static_cast<acc_t>(mp.s * grad_scale);
+  const bool plain = mp.plain(), filter = mp.filter_threshold > 0;
+  const scalar_t* gm = gmax.const_data_ptr<scalar_t>();
+  const scalar_t* gs = gsum.const_data_ptr<scalar_t>();
+  const scalar_t* tc = tcos.const_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* row = row_ptr<scalar_t>(logits, r);
+      const int64_t t = labels[r];
+      TORCH_CHECK(t >= -1 && t < cols, "margin_softmax_backward: labels[", r, "] = ", t, " is outside [-1, ", cols,
+                  ")");
+      const acc_t shift = static_cast<acc_t>(gm[r]), denom = static_cast<acc_t>(gs[r]);
+      const bool filter_row = filter && t >= 0;
+      acc_t target_p = 0;
+      if (t >= 0) target_p = std::exp(static_cast<acc_t>(row[t * cs]) - shift) / denom;
+      bool done = false;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (cs == 1 && !filter_row) {
+          softmax_scale_f32(row, cols, shift, 1.0f / denom, scale);
+          done = true;
+        }
+      }
+      if (!done) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const acc_t l = static_cast<acc_t>(row[j * cs]);
+          // With filtering, the dropped logits (exactly 0 after the forward) get no gradient.
+          row[j * cs] = (filter_row && l == 0) ? scalar_t(0) : static_cast<scalar_t>(std::exp(l - shift) / denom * scale);
+        }
+      }
+      if (t >= 0) {
+        const acc_t deriv = margin_derivative(static_cast<acc_t>(tc[r]), m1, m2, plain);
+        row[t * cs] = static_cast<scalar_t>((target_p - 1) * deriv * scale);
+      }
+    }
+  });
+}
+
+void margin_softmax_backward_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& global_max,
+                                 const at::Tensor& global_sum_exp, const at::Tensor& target_cos, double s, double m1,
+                                 double m2, double m3, double grad_scale, double filter_threshold) {
+  const char* op = "margin_softmax_backward";
+  check_logits(logits, labels, op);
+  const int64_t rows = logits.size(0);
+  check_vector(global_max, rows, "global_max", op);
+  check_vector(global_sum_exp, rows, "global_sum_exp", op);
+  check_vector(target_cos, rows, "target_cos", op);
+  if (rows == 0 || logits.size(1) == 0) return;
+  const auto dtype = logits.scalar_type();
+  const at::Tensor gm = global_max.to(dtype).contiguous(), gs = global_sum_exp.to(dtype).contiguous();
+  const at::Tensor tc = target_cos.to(dtype).contiguous(), lab = labels.contiguous();
+  const MarginParams mp{s, m1, m2, m3, filter_threshold};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_backward", [&] {
+    backward_rows<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, mp, grad_scale);
+  });
+}
+
+}  // namespace
+}  // namespace partialfc
+
+TORCH_LIBRARY_IMPL(partialfc, CPU, m) {
+  m.impl("margin_softmax_forward", &partialfc::margin_softmax_forward_cpu);
+  m.impl("margin_softmax_backward", &partialfc::margin_softmax_backward_cpu);
+}

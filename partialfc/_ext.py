@@ -1,0 +1,126 @@
+"""Loading of the compiled kernels ``partialfc._C`` and their Python-side registrations.
+
+Importing this module loads the extension (when built), then registers for the ``torch.ops.partialfc`` ops
+their fake (meta) kernels, used by ``torch.compile`` / FakeTensor tracing, and the autograd formula of
+``gather_normalize``. When the extension cannot be loaded the package keeps working on the pure-PyTorch
+reference ops, and one ``RuntimeWarning`` names the cause. ``PARTIALFC_DISABLE_EXT=1`` selects the
+reference ops even when the extension is built (no warning then).
+"""
+import os
+import warnings
+
+import torch
+
+_C = None
+LOAD_ERROR = None
+try:
+    from . import _C
+except Exception as exc:  # ImportError (not built), OSError (ABI / missing library), ...
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def disabled_by_env():
+    """True when ``PARTIALFC_DISABLE_EXT`` asks for the reference ops."""
+    return os.environ.get("PARTIALFC_DISABLE_EXT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def available():
+    """True when ``partialfc._C`` is loaded (regardless of ``PARTIALFC_DISABLE_EXT``)."""
+    return _C is not None
+
+
+def with_cuda():
+    """True when the loaded extension carries CUDA kernels."""
+    return _C is not None and bool(getattr(_C, "with_cuda", 0))
+
+
+def enabled():
+    """True when the fused kernels are to be used: loaded and not disabled by the environment."""
+    return _C is not None and not disabled_by_env()
+
+
+def supports(device):
+    """True when the extension has kernels for tensors on ``device``."""
+    device = torch.device(device)
+    return device.type == "cpu" or (device.type == "cuda" and with_cuda())
+
+
+if _C is None and not disabled_by_env():
+    warnings.warn(f"partialfc: the compiled kernels partialfc._C could not be loaded ({LOAD_ERROR}); training "
+                  "runs on the slower pure-PyTorch reference ops. Build them with `python setup.py build_ext "
+                  "--inplace` (or set PARTIALFC_DISABLE_EXT=1 to silence this warning).", RuntimeWarning,
+                  stacklevel=2)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _C is not None:
+    lib = "partialfc::"
+
+    @torch.library.register_fake(lib + "sample_classes")
+    def _sample_classes_fake(labels, class_start, num_local, num_sample, seed):
+        if num_sample >= num_local:
+            size = num_local
+        else:
+            size = torch.library.get_ctx().new_dynamic_size()  # max(num_sample, #positives)
+        return labels.new_empty((size,)), torch.empty_like(labels)
+
+    @torch.library.register_fake(lib + "gather_normalize")
+    def _gather_normalize_fake(weight, index, out_dtype):
+        return (weight.new_empty((index.shape[0], weight.shape[1]), dtype=out_dtype),
+                weight.new_empty((index.shape[0],), dtype=_acc_dtype(weight.dtype)))
+
+    @torch.library.register_fake(lib + "gather_normalize_out")
+    def _gather_normalize_out_fake(weight, index, out, inv_norm):
+        return None
+
+    @torch.library.register_fake(lib + "gather_normalize_backward")
+    def _gather_normalize_backward_fake(grad, normalized, inv_norm):
+        return grad.new_empty(grad.shape, dtype=inv_norm.dtype)
+
+    @torch.library.register_fake(lib + "gather_normalize_backward_out")
+    def _gather_normalize_backward_out_fake(grad, normalized, inv_norm, out):
+        return None
+
+    @torch.library.register_fake(lib + "margin_softmax_forward")
+    def _margin_softmax_forward_fake(logits, labels, s, m1, m2, m3, filter_threshold):
+        return tuple(logits.new_empty((logits.shape[0],)) for _ in range(4))
+
+    @torch.library.register_fake(lib + "margin_softmax_backward")
+    def _margin_softmax_backward_fake(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
+                                      grad_scale, filter_threshold):
+        return None
+
+    @torch.library.register_fake(lib + "sparse_sgd_update")
+    def _sparse_sgd_update_fake(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
+        return None
+
+    # Autograd of the functional gather_normalize w.r.t. the whole table. The Partial FC head does not use
+    # it (its table never requires grad; it calls gather_normalize_backward and gets only the [S, D] rows);
+    # it exists so that the op is a complete differentiable op (gradcheck, other callers).
+    def _gather_normalize_setup(ctx, inputs, output):
+        weight, index, _ = inputs
+        normalized, inv_norm = output
+        ctx.save_for_backward(index, normalized, inv_norm)
+        ctx.table = (weight.shape, weight.dtype)
+
+    def _gather_normalize_backward(ctx, grad_normalized, grad_inv_norm):
+        index, normalized, inv_norm = ctx.saved_tensors
+        shape, dtype = ctx.table
+        rows = None
+        if grad_normalized is not None:
+            rows = torch.ops.partialfc.gather_normalize_backward(grad_normalized.to(normalized.dtype), normalized,
+                                                                 inv_norm)
+        if grad_inv_norm is not None:
+            # d(1/||w||)/dw = -w / ||w||^3 = -inv_norm^2 * normalized
+            extra = -(grad_inv_norm * inv_norm * inv_norm)[:, None] * normalized.to(inv_norm.dtype)
+            rows = extra if rows is None else rows + extra
+        if rows is None:
+            return None, None, None
+        grad_weight = torch.zeros(shape, dtype=dtype, device=rows.device).index_add_(0, index, rows.to(dtype))
+        return grad_weight, None, None
+
+    torch.library.register_autograd(lib + "gather_normalize", _gather_normalize_backward,
+                                    setup_context=_gather_normalize_setup)

@@ -1,0 +1,15 @@
+"""Helpers shared by the compiled-op tests (tolerances, layouts)."""
+import torch
+
+# Absolute / relative tolerances per storage dtype when a kernel is compared with its reference.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
+       torch.float16: (2e-3, 2e-3)}
+
+
+def noncontiguous_like(t):
+    """The same values as ``t`` in a tensor with non-unit inner stride (a column slice of a wider tensor)."""
+    wide = torch.empty(t.shape[0], 2 * t.shape[1] + 1, dtype=t.dtype, device=t.device)
+    view = wide[:, 1::2]
+    view.copy_(t)
+    assert not view.is_contiguous() or t.numel() == 0
+    return view

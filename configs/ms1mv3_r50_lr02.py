@@ -1,0 +1,30 @@
+# IResNet-50 on MS1MV3, ArcFace, lr 0.2: the name seed 000's single-host torchrun example uses (identical to ms1mv3_r50.py).
+# Seed row: [000 single-host] MS1MV3 | r50 | MFR-ALL 79.14 | IJB-C(1E-4) 96.37 | IJB-C(1E-5) 94.47
+# Dataset: MS1MV3 (ms1m-retinaface-t1), 93,431 identities, 5,179,510 images; rec is a placeholder path.
+# GPUs: 8 (one host); global batch 8 x 128 = 1,024.
+# Launch: torchrun --nproc_per_node=8 -m partialfc.train configs/ms1mv3_r50_lr02.py
+#     or: horovodrun -np 8 -H localhost:8 bash config.sh configs/ms1mv3_r50_lr02.py
+from easydict import EasyDict as edict
+
+config = edict()
+config.margin_list = (1.0, 0.5, 0.0)  # ArcFace
+config.network = 'r50'
+config.resume = False
+config.output = None  # work_dirs/ms1mv3_r50_lr02
+config.embedding_size = 512
+config.sample_rate = 1.0
+config.interclass_filtering_threshold = 0
+config.fp16 = True
+config.optimizer = 'sgd'
+config.momentum = 0.9
+config.weight_decay = 5e-4
+config.batch_size = 128  # per GPU
+config.lr = 0.2
+config.verbose = 2000
+
+config.rec = '/train_tmp/ms1m-retinaface-t1'
+config.num_classes = 93431
+config.num_image = 5179510
+config.num_epoch = 25
+config.warmup_epoch = 2
+config.val_targets = ['lfw', 'cfp_fp', 'agedb_30']

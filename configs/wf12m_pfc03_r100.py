@@ -1,0 +1,30 @@
+# IResNet-100 on WebFace12M, CosFace, Partial FC 0.3.
+# Seed row: [000 single-host] WF12M-PFC-0.3 | r100 | MFR-ALL 94.71 | IJB-C(1E-4) 97.64 | IJB-C(1E-5) 96.01
+# Dataset: WebFace12M, 617,970 identities, 12,720,066 images; rec is a placeholder path.
+# GPUs: 8 (one host); global batch 8 x 128 = 1,024.
+# Launch: torchrun --nproc_per_node=8 -m partialfc.train configs/wf12m_pfc03_r100.py
+#     or: horovodrun -np 8 -H localhost:8 bash config.sh configs/wf12m_pfc03_r100.py
+from easydict import EasyDict as edict
+
+config = edict()
+config.margin_list = (1.0, 0.0, 0.4)  # CosFace
+config.network = 'r100'
+config.resume = False
+config.output = None  # work_dirs/wf12m_pfc03_r100
+config.embedding_size = 512
+config.sample_rate = 0.3
+config.interclass_filtering_threshold = 0
+config.fp16 = True
+config.optimizer = 'sgd'
+config.momentum = 0.9
+config.weight_decay = 5e-4
+config.batch_size = 128  # per GPU
+config.lr = 0.1
+config.verbose = 2000
+
+config.rec = '/train_tmp/WebFace12M'
+config.num_classes = 617970
+config.num_image = 12720066
+config.num_epoch = 20
+config.warmup_epoch = 0
+config.val_targets = []

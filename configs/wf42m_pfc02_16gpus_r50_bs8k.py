@@ -1,0 +1,30 @@
+# IResNet-50 on WebFace42M, CosFace, Partial FC 0.2, 16 GPUs x 512 (8k global batch).
+# Seed row: [000 multi-host] WF42M-PFC-0.2 | r50(512*16) | MFR-ALL 93.96 | IJB-C(1E-4) 97.46 | IJB-C(1E-5) 96.12 | Throughput ~11000
+# Dataset: WebFace42M, 2,059,906 identities, 42,474,557 images; rec is a placeholder path.
+# GPUs: 16 (2 hosts x 8); global batch 16 x 512 = 8,192.
+# Launch: horovodrun -np 16 -H ip1:8,ip2:8 bash config.sh configs/wf42m_pfc02_16gpus_r50_bs8k.py
+#     or: torchrun --nnodes=2 --node_rank=K --nproc_per_node=8 --master_addr=ip1 --master_port=12581 -m partialfc.train configs/wf42m_pfc02_16gpus_r50_bs8k.py   # on each host K = 0..1
+from easydict import EasyDict as edict
+
+config = edict()
+config.margin_list = (1.0, 0.0, 0.4)  # CosFace
+config.network = 'r50'
+config.resume = False
+config.output = None  # work_dirs/wf42m_pfc02_16gpus_r50_bs8k
+config.embedding_size = 512
+config.sample_rate = 0.2
+config.interclass_filtering_threshold = 0
+config.fp16 = True
+config.optimizer = 'sgd'
+config.momentum = 0.9
+config.weight_decay = 5e-4
+config.batch_size = 512  # per GPU
+config.lr = 0.6
+config.verbose = 10000
+
+config.rec = '/train_tmp/WebFace42M'
+config.num_classes = 2059906
+config.num_image = 42474557
+config.num_epoch = 20
+config.warmup_epoch = 4
+config.val_targets = ['lfw', 'cfp_fp', 'agedb_30']

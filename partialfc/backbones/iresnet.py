@@ -49,14 +49,29 @@ def resolve_amp_dtype(amp_dtype):
     return names[amp_dtype]
 
 
+def autocast_enabled(device_type):
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type):
+    """Context that runs its body in full precision even inside an enclosing autocast."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def body_autocast(enabled, device_type, amp_dtype=None):
     """Mixed-precision context for a backbone body.
 
     On CUDA the default is float16 (as arcface_torch's ``torch.cuda.amp.autocast``); on the CPU it is
-    bfloat16, the only low-precision type CPU autocast runs. ``amp_dtype`` overrides the choice.
+    bfloat16, the type CPU autocast is made for. Inside an enclosing autocast its dtype is kept, and
+    ``amp_dtype`` overrides both.
     """
     if not enabled:
         return contextlib.nullcontext()
+    if amp_dtype is None and autocast_enabled(device_type):
+        # Inside a caller's autocast (the trainer's), keep its low-precision type.
+        amp_dtype = torch.get_autocast_dtype(device_type)
     if device_type == "cuda":
         dtype = amp_dtype or torch.float16
     elif device_type == "cpu":
@@ -204,8 +219,8 @@ class IResNet(nn.Module):
             x = self.bn2(x)
             x = torch.flatten(x, 1)
             x = self.dropout(x)
-        x = self.fc(x.float())
-        return self.features(x)
+        with autocast_off(x.device.type):  # the embedding head always runs in float32
+            return self.features(self.fc(x.float()))
 
 
 def _factory(name):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .iresnet import body_autocast, resolve_amp_dtype, run_stage
+from .iresnet import autocast_off, body_autocast, resolve_amp_dtype, run_stage
 from .registry import register_backbone
 
 
@@ -152,8 +152,8 @@ class MobileFaceNet(nn.Module):
         with body_autocast(self.fp16, x.device.type, self.amp_dtype):
             for stage in self.layers:
                 x = run_stage(stage, x, self.checkpointing and self.training)
-        x = self.conv_sep(x.float())
-        return self.features(x)
+        with autocast_off(x.device.type):  # conv_sep and the embedding head always run in float32
+            return self.features(self.conv_sep(x.float()))
 
 
 @register_backbone("mbf")

@@ -22,19 +22,11 @@ vit_l     768    24     0.05             0.05
 plus arcface_torch's WebFace42M names ``vit_t_dp005_mask0``, ``vit_s_dp005_mask_0``,
 ``vit_b_dp005_mask_005`` and ``vit_l_dp005_mask_005``.
 """
-import contextlib
-
 import torch
 from torch import nn
 
-from .iresnet import body_autocast, resolve_amp_dtype, run_stage
+from .iresnet import autocast_off, body_autocast, resolve_amp_dtype, run_stage
 from .registry import register_backbone
-
-
-def _autocast_off(device_type):
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class DropPath(nn.Module):
@@ -85,7 +77,7 @@ class Attention(nn.Module):
     def forward(self, x):
         n, d = x.shape[1], x.shape[2]
         qkv = self.qkv(x).reshape(-1, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        with _autocast_off(x.device.type):
+        with autocast_off(x.device.type):
             q, k, v = qkv[0].float(), qkv[1].float(), qkv[2].float()
             attn = (q @ k.transpose(-2, -1)) * self.scale
             attn = self.attn_drop(attn.softmax(dim=-1))
@@ -198,7 +190,8 @@ class VisionTransformer(nn.Module):
     def forward(self, x):
         with body_autocast(self.fp16, x.device.type, self.amp_dtype):
             x = self.forward_features(x)
-        return self.feature(x.float())
+        with autocast_off(x.device.type):  # the embedding head always runs in float32
+            return self.feature(x.float())
 
 
 VIT_VARIANTS = {

@@ -113,6 +113,19 @@ def test_fp16_runs_body_in_low_precision_and_returns_float32(name):
     assert cos.min() > 0.98, cos
 
 
+@pytest.mark.parametrize("fp16", [False, True])
+def test_inside_a_callers_autocast_the_body_keeps_its_dtype_and_embeddings_are_float32(fp16):
+    probes = {"r18": "layer1", "mbf": "layers.1", "vit_t": "blocks.1.mlp.fc1"}
+    for name, probe in probes.items():
+        model = get_model(name, num_features=D, fp16=fp16).eval()
+        dtypes = []
+        model.get_submodule(probe).register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            out = model(torch.rand(2, 3, 112, 112) * 2 - 1)
+        assert dtypes == [torch.float16], name
+        assert out.dtype == torch.float32, name
+
+
 def test_fp16_with_checkpointing_matches_fp16_gradients():
     plain, ckpt = _pair("r18", fp16=True)
     x = torch.rand(2, 3, 112, 112) * 2 - 1

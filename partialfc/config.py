@@ -172,6 +172,8 @@ def validate(config):
 
 def load_config(path, overrides=()):
     """Defaults, then the config file's ``config``, then ``key=value`` overrides, then validation."""
+    if not os.path.isfile(path) and os.path.isfile(path + ".py"):
+        path += ".py"  # arcface_torch's commands name configs without the extension
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     module = _load_module(path)

@@ -22,6 +22,8 @@ def test_arcface_torch_style_config_overrides_defaults(tmp_path):
     assert cfg.lr == 0.02 and cfg.val_targets == ["lfw"] and cfg.rec == "/data/ms1m"
     assert cfg.momentum == DEFAULTS["momentum"]
     assert cfg.output == os.path.join("work_dirs", "job")
+    # arcface_torch's commands name the config without ".py".
+    assert load_config(path[:-3]).network == "r100"
 
 
 def test_unknown_key_in_file_names_key_and_file(tmp_path):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from .transforms import flip_bit
 
 SIZE = 112
-_VERSION = 1  # bump when rendering changes, so caches are regenerated
+_VERSION = 2  # bump when rendering changes, so caches are regenerated
 
 
 def _identity_traits(identity, seed):
@@ -102,21 +102,21 @@ def _render(t, rng):
         cv2.circle(img, (int(cx + mx), int(cy + mym)), int(mr), tuple(float(c) for c in tone * 0.45), -1, aa)
 
     # Pose.
-    angle, scale = rng.normal(0, 8), rng.uniform(0.88, 1.12)
+    angle, scale = rng.normal(0, 5), rng.uniform(0.92, 1.08)
     m = cv2.getRotationMatrix2D((SIZE / 2, SIZE / 2), angle, scale)
-    m[:, 2] += rng.normal(0, 4, 2)
+    m[:, 2] += rng.normal(0, 3, 2)
     img = cv2.warpAffine(img, m, (SIZE, SIZE), borderMode=cv2.BORDER_REFLECT)
     # Lighting: gain, color cast, a directional gradient, gamma.
-    gx, gy = rng.normal(0, 0.25, 2)
+    gx, gy = rng.normal(0, 0.2, 2)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE - 0.5
     light = (1 + gx * xx + gy * yy)[:, :, None]
-    img = img * light * rng.uniform(0.6, 1.3) * rng.uniform(0.8, 1.2, 3)
-    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** rng.uniform(0.7, 1.4)
+    img = img * light * rng.uniform(0.75, 1.25) * rng.uniform(0.9, 1.1, 3)
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** rng.uniform(0.8, 1.25)
     # Sensor: blur and noise.
-    if rng.random() < 0.5:
+    if rng.random() < 0.3:
         k = int(rng.choice([3, 5]))
         img = cv2.GaussianBlur(img, (k, k), 0)
-    img = img + rng.normal(0, rng.uniform(2, 10), img.shape)
+    img = img + rng.normal(0, rng.uniform(2, 6), img.shape)
     img = np.clip(img, 0, 255).astype(np.uint8)
     if rng.random() < 0.5:
         img = img[:, ::-1]

@@ -41,7 +41,8 @@ def missing(launcher):
     return None
 
 
-def run(launcher, np, script, args, timeout=300):
+def run(launcher, np, script, *args, timeout=300):
+    """``script`` is a file, or ``-m`` followed by a module name in ``args``."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(command(launcher, np, script, args), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)

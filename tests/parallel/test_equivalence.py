@@ -23,7 +23,7 @@ def test_world_sizes_match_single_process(launcher, backend, np, tmp_path):
     if reason:
         pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
     cases = EQUIVALENCE + (BAD_INPUT if np > 1 else [])
-    run(launcher, np, WORKER, [backend, str(tmp_path), *cases])
+    run(launcher, np, WORKER, backend, str(tmp_path), *cases)
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(np)]
     assert [r["rank"] for r in results] == list(range(np))
     assert all(r["size"] == np and r["backend"] == backend for r in results)

@@ -15,6 +15,15 @@ namespace partialfc {
 namespace {
 
 constexpr int64_t kRowGrain = 64;
+constexpr int64_t kPrefetchRows = 4;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t dim) {
+#if defined(__GNUC__)
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, 0);
+#endif
+}
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -35,11 +44,16 @@ void gather_normalize_rows(const at::Tensor& weight, const at::Tensor& index, at
       out_t* dst = o + i * os0;
       acc_t sum = 0;
       if (ws1 == 1 && os1 == 1) {
+        // The sampled rows are scattered over the table (a page each): fetch a later row while this one
+        // is processed, since the hardware prefetcher does not cross pages.
+        if (i + kPrefetchRows < end) prefetch_row(w + idx[i + kPrefetchRows] * ws0, dim);
+#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < dim; ++j) {
           const acc_t v = static_cast<acc_t>(src[j]);
           sum += v * v;
         }
         const acc_t scale = acc_t(1) / std::max(std::sqrt(sum), acc_t(1e-12));
+#pragma omp simd
         for (int64_t j = 0; j < dim; ++j) dst[j] = static_cast<out_t>(static_cast<acc_t>(src[j]) * scale);
         inv_norm[i] = scale;
       } else {
@@ -104,12 +118,15 @@ void normalize_backward_rows(const at::Tensor& grad, const at::Tensor& normalize
       const norm_t* nr = n + i * ns0;
       acc_t* orow = o + i * os0;
       acc_t dot = 0;
-      for (int64_t j = 0; j < dim; ++j) dot += static_cast<acc_t>(gr[j * gs1]) * static_cast<acc_t>(nr[j * ns1]);
       const acc_t scale = inv_norm[i];
       if (gs1 == 1 && ns1 == 1 && os1 == 1) {
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < dim; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(nr[j]);
+#pragma omp simd
         for (int64_t j = 0; j < dim; ++j)
           orow[j] = (static_cast<acc_t>(gr[j]) - static_cast<acc_t>(nr[j]) * dot) * scale;
       } else {
+        for (int64_t j = 0; j < dim; ++j) dot += static_cast<acc_t>(gr[j * gs1]) * static_cast<acc_t>(nr[j * ns1]);
         for (int64_t j = 0; j < dim; ++j)
           orow[j * os1] = (static_cast<acc_t>(gr[j * gs1]) - static_cast<acc_t>(nr[j * ns1]) * dot) * scale;
       }

@@ -11,6 +11,16 @@
 namespace partialfc {
 namespace {
 
+constexpr int64_t kPrefetchRows = 4;
+
+template <typename T>
+inline void prefetch_row(T* row, int64_t dim) {
+#if defined(__GNUC__)
+  char* p = reinterpret_cast<char*>(row);
+  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 1, 0);
+#endif
+}
+
 template <typename w_t, typename g_t>
 void update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, const at::Tensor& grad, double lr_d,
                  double momentum_d, double wd_d) {
@@ -32,6 +42,13 @@ void update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, c
       w_t* mr = m + r * ms0;
       const g_t* gr = g + i * gs0;
       if (unit) {
+        // Scattered rows: fetch a later row's weight and momentum ahead (see gather_normalize_kernel.cpp).
+        if (i + kPrefetchRows < end) {
+          const int64_t next = idx[i + kPrefetchRows];
+          prefetch_row(w + next * ws0, dim);
+          prefetch_row(m + next * ms0, dim);
+        }
+#pragma omp simd
         for (int64_t j = 0; j < dim; ++j) {
           // The gradient is first rounded to the table's dtype, as torch.optim.SGD sees it.
           const acc_t wv = static_cast<acc_t>(wr[j]);

@@ -11,10 +11,12 @@ For each class count it runs, each in its own subprocess (so that peak memory is
                  table gets a dense gradient), torch.optim.SGD with momentum over the whole table
   (d) gemm       the floor: the step's three GEMMs alone ([B,D]x[D,S], [B,S]x[S,D], [S,B]x[B,D]) into
                  preallocated outputs
-and prints the median step time (wall clock; the process CPU time beside it), the ratios (c)/(a) and (a)/(d),
-and each variant's peak memory above what it held before its first step (CPU: the growth of the process's
-peak RSS, from getrusage; GPU: torch.cuda.max_memory_allocated). The variants run in turn for --rounds
-rounds and each keeps its lowest median, which makes the ratios robust to other jobs on a shared machine.
+and prints the median step time, the ratios (c)/(a) and (a)/(d), and each variant's peak memory above what
+it held before its first step (CPU: the growth of the process's peak RSS, from getrusage; GPU:
+torch.cuda.max_memory_allocated). Step times come from one process that runs one step of each variant in
+turn (the variants share the class-center table there, to fit in memory), so that other jobs on a shared
+machine slow every variant alike; peak memory comes from a separate short run of each variant alone,
+whose own median ("alone") is printed too.
 """
 import argparse
 import json
@@ -40,11 +42,13 @@ def _peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _dense_v2_step_factory(torch, num_classes, dim, rate, device):
+def _dense_v2_step_factory(torch, num_classes, dim, rate, device, table=None):
     """arcface_torch PartialFC_V2 (one rank): dense Parameter, rand + topk sampling, torch.optim.SGD."""
     import torch.nn.functional as F
 
-    weight = torch.nn.Parameter(torch.normal(0, 0.01, (num_classes, dim), device=device))
+    if table is None:
+        table = torch.normal(0, 0.01, (num_classes, dim), device=device)
+    weight = torch.nn.Parameter(table.detach())
     opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
     num_sample = int(rate * num_classes)
     s, m1, m2, m3 = MARGIN
@@ -75,75 +79,117 @@ def _dense_v2_step_factory(torch, num_classes, dim, rate, device):
     return step
 
 
+def _build(torch, variant, args, device, shared=None):
+    """A ``step(x, y)`` closure for one variant. ``shared`` (a dict) lets the variants of one process share
+    the class-center table and its momentum, so that all of them fit in memory together."""
+    classes, dim, batch, rate = args.classes, args.dim, args.batch, args.rate
+    shared = {} if shared is None else shared
+    if variant in ("fused", "reference"):
+        from partialfc import _ext
+        from partialfc.head import PartialFC, SparseSGD
+
+        if variant == "fused" and not (_ext.enabled() and _ext.supports(device)):
+            raise SystemExit(f"partialfc._C is not usable on {device} ({_ext.LOAD_ERROR}); build it first")
+        pfc = PartialFC(dim, classes, sample_rate=rate, margin=MARGIN, use_ext=variant == "fused").to(device)
+        opt = SparseSGD(pfc, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        if "weight" in shared:
+            pfc.weight = shared["weight"]
+            opt.param_groups[0]["params"] = [pfc.weight]
+            opt.state[pfc.weight]["momentum_buffer"] = shared["momentum"]
+        shared.setdefault("weight", pfc.weight)
+        shared.setdefault("momentum", opt.momentum_buffer())  # allocated up front, like the dense table
+
+        def step(x, y):
+            pfc(x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        return step
+    if variant == "dense":
+        return _dense_v2_step_factory(torch, classes, dim, rate, device, shared.get("weight"))
+    num_sample = int(rate * classes)
+    centers = torch.nn.functional.normalize(torch.randn(num_sample, dim, device=device))
+    logits = torch.empty(batch, num_sample, device=device)
+    grad_x = torch.empty(batch, dim, device=device)
+    grad_centers = torch.empty(num_sample, dim, device=device)
+
+    def step(x, y):
+        xd = x.detach()
+        torch.mm(xd, centers.t(), out=logits)
+        torch.mm(logits, centers, out=grad_x)
+        torch.mm(logits.t(), xd, out=grad_centers)
+    return step
+
+
+def _batches(torch, args, device):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(args.batch, args.dim, generator=g).to(device).requires_grad_(),
+             torch.randint(0, args.classes, (args.batch,), generator=g).to(device)) for _ in range(4)]
+
+
 def _worker(args):
+    """Peak memory of one variant (alone in this process), and its own step times."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    classes, dim, batch, rate = args.classes, args.dim, args.batch, args.rate
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(batch, dim, generator=g).to(device).requires_grad_(),
-                torch.randint(0, classes, (batch,), generator=g).to(device)) for _ in range(4)]
+    batches = _batches(torch, args, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    if args.variant in ("fused", "reference"):
-        from partialfc import _ext
-        from partialfc.head import PartialFC, SparseSGD
-
-        if args.variant == "fused" and not (_ext.enabled() and _ext.supports(device)):
-            raise SystemExit(f"partialfc._C is not usable on {device} ({_ext.LOAD_ERROR}); build it first")
-        pfc = PartialFC(dim, classes, sample_rate=rate, margin=MARGIN, use_ext=args.variant == "fused").to(device)
-        opt = SparseSGD(pfc, lr=0.1, momentum=0.9, weight_decay=5e-4)
-        opt.momentum_buffer()  # optimizer state, allocated up front like the dense baseline's table
-
-        def step(x, y):
-            pfc(x, y).backward()
-            opt.step()
-            opt.zero_grad()
-    elif args.variant == "dense":
-        step = _dense_v2_step_factory(torch, classes, dim, rate, device)
-    else:
-        num_sample = int(rate * classes)
-        centers = torch.nn.functional.normalize(torch.randn(num_sample, dim, device=device))
-        logits = torch.empty(batch, num_sample, device=device)
-        grad_x = torch.empty(batch, dim, device=device)
-        grad_centers = torch.empty(num_sample, dim, device=device)
-
-        def step(x, y):
-            xd = x.detach()
-            torch.mm(xd, centers.t(), out=logits)
-            torch.mm(logits, centers, out=grad_x)
-            torch.mm(logits.t(), xd, out=grad_centers)
-
+    step = _build(torch, args.variant, args, device)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-    times, cpu_times = [], []
+    times = []
     for i in range(args.warmup + args.steps):
         x, y = batches[i % len(batches)]
         x.grad = None
         sync()
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         step(x, y)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()) - base
-    print(json.dumps(dict(variant=args.variant, classes=classes, median_s=statistics.median(times),
-                          min_s=min(times), cpu_median_s=statistics.median(cpu_times),
+    print(json.dumps(dict(variant=args.variant, classes=args.classes, alone_median_s=statistics.median(times),
                           peak_extra_bytes=max(peak, 0), threads=torch.get_num_threads())))
 
 
-def _run_variant(args, variant, classes):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--classes", str(classes),
+def _interleaved(args):
+    """Step times of every variant, in one process, one step of each in turn: other jobs on a shared
+    machine then slow every variant alike, and the ratios stay meaningful."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    batches = _batches(torch, args, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    shared = {}
+    steps = {v: _build(torch, v, args, device, shared) for v in args.variants}
+    times = {v: [] for v in args.variants}
+    for i in range(args.warmup + args.steps):
+        x, y = batches[i % len(batches)]
+        for v, step in steps.items():
+            x.grad = None
+            sync()
+            start = time.perf_counter()
+            step(x, y)
+            sync()
+            if i >= args.warmup:
+                times[v].append(time.perf_counter() - start)
+    print(json.dumps({v: statistics.median(t) for v, t in times.items()}))
+
+
+def _subprocess(args, mode, classes, steps):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--classes", str(classes),
            "--device", args.device, "--batch", str(args.batch), "--dim", str(args.dim), "--rate", str(args.rate),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--variants", *args.variants]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # Same environment for every variant. On a machine shared with other jobs, OpenMP threads that spin at
     # barriers steal the core from a descheduled peer; passive waiting avoids that (an explicit
@@ -154,7 +200,7 @@ def _run_variant(args, variant, classes):
         env["THP_MEM_ALLOC_ENABLE"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{variant} at {classes} classes failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{mode} at {classes} classes failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -167,19 +213,18 @@ def main(argv=None):
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=7, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="runs of each variant, interleaved; the lowest median is kept")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each variant's memory run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for every variant (CPU)")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=VARIANTS + ("interleaved",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.batch = args.batch or (512 if gpu else 128)
     if args.worker:
         args.variant, args.classes = args.worker, args.classes[0]
-        return _worker(args)
+        return _interleaved(args) if args.worker == "interleaved" else _worker(args)
     classes_list = args.classes or ([1_000_000, 10_000_000] if gpu else [100_000, 1_000_000])
 
     print(f"head step: D={args.dim} B={args.batch} r={args.rate} device={args.device} "
@@ -187,19 +232,18 @@ def main(argv=None):
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, huge pages {'on' if args.thp else 'off'})")
     results = []
     for classes in classes_list:
-        # Rounds over the variants in turn; each variant keeps its least-disturbed round (the lowest median),
-        # so that load from other jobs on a shared machine biases no variant in particular.
+        # Timing: all variants in one process, one step of each in turn (see _interleaved).
+        medians = _subprocess(args, "interleaved", classes, args.steps)
+        # Memory: each variant alone in its own process (a few steps).
         row = {}
-        for _ in range(args.rounds):
-            for v in args.variants:
-                r = _run_variant(args, v, classes)
-                if v not in row or r["median_s"] < row[v]["median_s"]:
-                    row[v] = r
+        for v in args.variants:
+            row[v] = _subprocess(args, v, classes, args.memory_steps)
+            row[v]["median_s"] = medians[v]
         results.extend(row.values())
         print(f"\n{classes:,} classes (S = {int(args.rate * classes):,} sampled)")
-        print(f"  {'variant':<10} {'median ms':>10} {'cpu ms':>8} {'peak extra MiB':>15}")
+        print(f"  {'variant':<10} {'median ms':>10} {'alone ms':>9} {'peak extra MiB':>15}")
         for v, r in row.items():
-            print(f"  {v:<10} {r['median_s'] * 1e3:>10.1f} {r['cpu_median_s'] * 1e3:>8.1f} "
+            print(f"  {v:<10} {r['median_s'] * 1e3:>10.1f} {r['alone_median_s'] * 1e3:>9.1f} "
                   f"{r['peak_extra_bytes'] / 2 ** 20:>15.0f}")
         if "fused" in row and "dense" in row:
             print(f"  dense / fused      = {row['dense']['median_s'] / row['fused']['median_s']:.2f}x")

@@ -55,10 +55,10 @@ DEFAULTS = dict(
     batch_size=128,                # per process
     val_targets=["lfw", "cfp_fp", "agedb_30"],
     corrupt_images="fail",         # "fail" or "skip" on an undecodable image
-    synthetic_ids=400,             # identities of the embedded synthetic training set
-    synthetic_images_per_id=24,
+    synthetic_ids=1000,             # identities of the embedded synthetic training set
+    synthetic_images_per_id=12,
     synthetic_val_ids=100,         # held-out identities that make the synthetic verification pairs
-    synthetic_val_pairs=1200,
+    synthetic_val_pairs=1000,
     data_root=None,                # cache folder for generated data; default ~/.cache/partialfc
     # --- optimization ---
     optimizer="sgd",               # "sgd" or "adamw" for the backbone; class centers always use SparseSGD

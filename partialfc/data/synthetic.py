@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from .transforms import flip_bit
 
 SIZE = 112
-_VERSION = 2  # bump when rendering changes, so caches are regenerated
+_VERSION = 3  # bump when rendering changes, so caches are regenerated
 
 
 def _identity_traits(identity, seed):
@@ -33,9 +33,9 @@ def _identity_traits(identity, seed):
     return dict(
         face_w=rng.uniform(30, 42), face_h=rng.uniform(40, 52), jaw=rng.uniform(0.75, 1.0),
         skin=skin,
-        eye_dx=rng.uniform(13, 22), eye_y=rng.uniform(-12, -2), eye_r=rng.uniform(3.0, 6.5),
+        eye_dx=rng.uniform(13, 22), eye_y=rng.uniform(-12, -2), eye_r=rng.uniform(3.5, 7.5),
         eye_color=rng.uniform(0, 160, 3), eye_shape=rng.uniform(0.5, 1.0),
-        brow_dy=rng.uniform(6, 11), brow_len=rng.uniform(7, 14), brow_w=int(rng.integers(1, 4)),
+        brow_dy=rng.uniform(6, 11), brow_len=rng.uniform(7, 16), brow_w=int(rng.integers(1, 5)),
         brow_tilt=rng.uniform(-4, 4),
         nose_len=rng.uniform(8, 18), nose_w=rng.uniform(3, 9),
         mouth_y=rng.uniform(14, 26), mouth_w=rng.uniform(8, 20), mouth_curve=rng.uniform(-5, 5),
@@ -55,7 +55,7 @@ def _render(t, rng):
     img = (bg_a * (1 - ramp) + bg_b * ramp).repeat(SIZE, axis=1).astype(np.float32)
     img = np.ascontiguousarray(img)
     cx, cy = SIZE / 2 + rng.normal(0, 1), SIZE / 2 + 4 + rng.normal(0, 1)
-    tone = t["skin"] * rng.uniform(0.9, 1.1)
+    tone = t["skin"] * rng.uniform(0.95, 1.05)
     hair = tuple(float(c) for c in t["hair"])
     aa = cv2.LINE_AA
     # Hair behind the head, ears, then the face.
@@ -76,12 +76,12 @@ def _render(t, rng):
     cv2.rectangle(img, (int(cx - t["face_w"] * 0.8), int(cy - t["face_h"] * 0.6)),
                   (int(cx + t["face_w"] * 0.8), int(cy - t["face_h"] * 0.6 + max(t["fringe"], 0))), hair, -1, aa)
     # Eyes, brows (expression moves them a little), glasses.
-    raise_brow = rng.normal(0, 1.2)
+    raise_brow = rng.normal(0, 0.6)
     for side in (-1, 1):
         ex, ey = cx + side * t["eye_dx"], cy + t["eye_y"]
         cv2.ellipse(img, (int(ex), int(ey)), (int(t["eye_r"] + 2), int((t["eye_r"] + 1) * t["eye_shape"])), 0, 0,
                     360, (235, 235, 235), -1, aa)
-        cv2.circle(img, (int(ex + rng.normal(0, 0.7)), int(ey)), int(max(t["eye_r"] * 0.7, 1.5)),
+        cv2.circle(img, (int(ex + rng.normal(0, 0.4)), int(ey)), int(max(t["eye_r"] * 0.7, 1.5)),
                    tuple(float(c) for c in t["eye_color"]), -1, aa)
         by = ey - t["brow_dy"] - raise_brow
         x0, x1 = ex - side * t["brow_len"] / 2, ex + side * t["brow_len"] / 2
@@ -94,7 +94,7 @@ def _render(t, rng):
     nose = np.array([[cx, cy + t["eye_y"] + 2], [cx - t["nose_w"], ny], [cx + t["nose_w"], ny]], np.int32)
     cv2.polylines(img, [nose], False, tuple(float(c) for c in tone * 0.6), 1, aa)
     my = cy + t["mouth_y"]
-    smile = t["mouth_curve"] + rng.normal(0, 1.5)
+    smile = t["mouth_curve"] + rng.normal(0, 0.8)
     xs = np.linspace(-t["mouth_w"], t["mouth_w"], 9)
     mouth = np.stack([cx + xs, my + smile * (1 - (xs / t["mouth_w"]) ** 2)], 1).astype(np.int32)
     cv2.polylines(img, [mouth], False, tuple(float(c) for c in t["lip"]), 2, aa)
@@ -102,21 +102,21 @@ def _render(t, rng):
         cv2.circle(img, (int(cx + mx), int(cy + mym)), int(mr), tuple(float(c) for c in tone * 0.45), -1, aa)
 
     # Pose.
-    angle, scale = rng.normal(0, 5), rng.uniform(0.92, 1.08)
+    angle, scale = rng.normal(0, 4), rng.uniform(0.94, 1.06)
     m = cv2.getRotationMatrix2D((SIZE / 2, SIZE / 2), angle, scale)
-    m[:, 2] += rng.normal(0, 3, 2)
+    m[:, 2] += rng.normal(0, 2.5, 2)
     img = cv2.warpAffine(img, m, (SIZE, SIZE), borderMode=cv2.BORDER_REFLECT)
     # Lighting: gain, color cast, a directional gradient, gamma.
-    gx, gy = rng.normal(0, 0.2, 2)
+    gx, gy = rng.normal(0, 0.15, 2)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE - 0.5
     light = (1 + gx * xx + gy * yy)[:, :, None]
-    img = img * light * rng.uniform(0.75, 1.25) * rng.uniform(0.9, 1.1, 3)
-    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** rng.uniform(0.8, 1.25)
+    img = img * light * rng.uniform(0.8, 1.2) * rng.uniform(0.92, 1.08, 3)
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** rng.uniform(0.85, 1.2)
     # Sensor: blur and noise.
     if rng.random() < 0.3:
         k = int(rng.choice([3, 5]))
         img = cv2.GaussianBlur(img, (k, k), 0)
-    img = img + rng.normal(0, rng.uniform(2, 6), img.shape)
+    img = img + rng.normal(0, rng.uniform(2, 5), img.shape)
     img = np.clip(img, 0, 255).astype(np.uint8)
     if rng.random() < 0.5:
         img = img[:, ::-1]

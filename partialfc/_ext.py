@@ -97,6 +97,11 @@ if _C is not None:
     def _sparse_sgd_update_fake(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
         return None
 
+    @torch.library.register_fake(lib + "normalize_backward_sgd_update")
+    def _normalize_backward_sgd_update_fake(weight, momentum_buffer, index, grad_normalized, inv_norm, lr,
+                                            momentum, weight_decay, grad_scale):
+        return None
+
     # Autograd of the functional gather_normalize w.r.t. the whole table. The Partial FC head does not use
     # it (its table never requires grad; it calls gather_normalize_backward and gets only the [S, D] rows);
     # it exists so that the op is a complete differentiable op (gradcheck, other callers).

@@ -14,7 +14,9 @@ The margin. For a target cosine ``t = cos(theta)`` the margin logit is
 and every logit is then multiplied by ``s``. The backward uses the exact derivative
 ``df/dt = m1 * sin(m1 * theta + m2) / sin(theta)`` (1 in the fallback branch, and exactly 1 for CosFace).
 """
+import ctypes
 import math
+import sys
 
 import torch
 
@@ -179,6 +181,21 @@ def sparse_sgd_update_ref(weight, momentum_buffer, index, grad_rows, lr, momentu
     weight.index_copy_(0, index, w - lr * m)
 
 
+def normalize_backward_sgd_update_ref(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
+                                      weight_decay, grad_scale=1.0):
+    """``sparse_sgd_update`` of the gradient rows that ``gather_normalize_backward`` gives for
+    ``grad_normalized`` [S, D] (the gradient of the normalized rows), divided by ``grad_scale``.
+
+    The normalized rows are recomputed as ``weight[index] * inv_norm`` (in the accumulation dtype), so the
+    table must be unchanged since the forward that produced ``inv_norm``.
+    """
+    normalized = weight.index_select(0, index).to(inv_norm.dtype) * inv_norm[:, None]
+    rows = gather_normalize_backward_ref(grad_normalized, normalized, inv_norm)
+    if grad_scale != 1.0:
+        rows = rows / grad_scale
+    sparse_sgd_update_ref(weight, momentum_buffer, index, rows, lr, momentum, weight_decay)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Dispatch: the compiled kernels when ``partialfc._C`` is built, the references otherwise.
 #
@@ -227,6 +244,13 @@ def sparse_sgd_update_fused(weight, momentum_buffer, index, grad_rows, lr, momen
                                           float(weight_decay))
 
 
+def normalize_backward_sgd_update_fused(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
+                                        weight_decay, grad_scale=1.0):
+    torch.ops.partialfc.normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized, inv_norm,
+                                                      float(lr), float(momentum), float(weight_decay),
+                                                      float(grad_scale))
+
+
 def use_fused(device):
     """True when the compiled kernels serve tensors on ``device`` (loaded, enabled, built for it)."""
     return _ext.enabled() and _ext.supports(device)
@@ -263,6 +287,62 @@ def sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, w
     return impl(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay)
 
 
+def fused_update_available(device):
+    """True when ``normalize_backward_sgd_update`` has a compiled kernel for ``device`` (CPU only)."""
+    return use_fused(device) and torch.device(device).type == "cpu" and hasattr(
+        torch.ops.partialfc, "normalize_backward_sgd_update")
+
+
+def normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
+                                  weight_decay, grad_scale=1.0):
+    impl = (normalize_backward_sgd_update_fused if fused_update_available(weight.device)
+            else normalize_backward_sgd_update_ref)
+    return impl(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum, weight_decay, grad_scale)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transparent huge pages for the large CPU tensors of the head
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+_libc = None
+
+
+def advise_huge_pages(tensor):
+    """Ask Linux to back the 2 MiB-aligned part of a CPU tensor's memory with transparent huge pages
+    (``madvise(MADV_HUGEPAGE)``); returns whether the kernel accepted. Pages already touched stay small
+    (until khugepaged merges them), so call it on a fresh ``torch.empty`` before filling it. No-op (False)
+    elsewhere, for tensors under 4 MiB, and when THP is disabled."""
+    global _libc
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes < 2 * _HUGE_PAGE:
+        return False
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            _libc.madvise.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    start = tensor.data_ptr()
+    begin = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
+    end = (start + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    return end > begin and _libc.madvise(begin, end - begin, _MADV_HUGEPAGE) == 0
+
+
+def empty_huge(shape, dtype=torch.float32, device="cpu"):
+    """``torch.empty(shape)``, backed by transparent huge pages where the CPU and OS allow (see
+    ``advise_huge_pages``): the sampled rows of a multi-GB table are scattered, one 4 KiB page each, and
+    huge pages cut the TLB misses of gathering and updating them."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    advise_huge_pages(out)
+    return out
+
+
 class _Reference:
     """The reference ops under the dispatching names (what ``implementation(False)`` returns)."""
     sample_classes = staticmethod(sample_classes_ref)
@@ -271,6 +351,7 @@ class _Reference:
     margin_softmax_forward = staticmethod(margin_softmax_forward_ref)
     margin_softmax_backward = staticmethod(margin_softmax_backward_ref)
     sparse_sgd_update = staticmethod(sparse_sgd_update_ref)
+    normalize_backward_sgd_update = staticmethod(normalize_backward_sgd_update_ref)
 
 
 class _Dispatching:
@@ -281,6 +362,7 @@ class _Dispatching:
     margin_softmax_forward = staticmethod(margin_softmax_forward)
     margin_softmax_backward = staticmethod(margin_softmax_backward)
     sparse_sgd_update = staticmethod(sparse_sgd_update)
+    normalize_backward_sgd_update = staticmethod(normalize_backward_sgd_update)
 
 
 def implementation(use_ext=True):

@@ -97,8 +97,27 @@ class _Workspace:
         buf = self.buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
             self.buffers[name] = None  # free the old one first
-            buf = self.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+            buf = self.buffers[name] = ops.empty_huge((numel,), dtype=dtype, device=device)
         return buf[:numel].view(shape)
+
+
+class _PendingRowGrad:
+    """The sampled rows' gradient of a fused backward, kept as the gradient of the normalized centers
+    (``grad_centers`` [S, D], workspace) until ``SparseSGD.step`` consumes it in one fused kernel
+    (``normalize_backward_sgd_update``) or something reads ``sampled_rows.grad`` and ``rows`` materializes
+    it. ``applied`` records that an optimizer step already consumed it."""
+
+    def __init__(self, grad_centers, centers, inv_norm, generation):
+        self.grad_centers, self.centers, self.inv_norm = grad_centers, centers, inv_norm
+        self.generation = generation
+        self.applied = False
+
+    def rows(self, ws):
+        """The gradient of the raw rows [S, D] (``gather_normalize_backward``), in the workspace."""
+        rows = ws.get("grad_rows", self.grad_centers.shape, self.inv_norm.dtype, self.inv_norm.device)
+        # In place when grad_centers is the rows buffer.
+        torch.ops.partialfc.gather_normalize_backward_out(self.grad_centers, self.centers, self.inv_norm, rows)
+        return rows
 
 
 class _FusedMarginSoftmaxLoss(torch.autograd.Function):
@@ -159,18 +178,23 @@ class _FusedMarginSoftmaxLoss(torch.autograd.Function):
                 grad_logits = ws.get("logits_lowp", logits.shape, compute_dtype, device).copy_(logits)
             grad_features = torch.mm(grad_logits, centers) if ctx.needs_input_grad[0] else None
             if ctx.needs_input_grad[1]:
-                rows = ws.get("grad_rows", (num_sample, dim), acc_dtype, device)
-                grad_centers = rows
+                # The gradient of the normalized centers [S, D]; in the acc dtype it lands in the rows buffer.
+                grad_centers = ws.get("grad_rows", (num_sample, dim), acc_dtype, device)
                 if compute_dtype != acc_dtype:
                     grad_centers = ws.get("grad_centers_lowp", (num_sample, dim), compute_dtype, device)
                 torch.mm(grad_logits.t(), features, out=grad_centers)
-                # In place when grad_centers is rows.
-                torch.ops.partialfc.gather_normalize_backward_out(grad_centers, centers, inv_norm, rows)
-                if ctx.sink.grad is None:
-                    # Accumulating micro-batches: the next backward reuses this buffer, so keep a copy.
-                    ctx.sink.grad = rows.clone() if head.holding_sample else rows
+                pending = _PendingRowGrad(grad_centers, centers, inv_norm, ws.generation)
+                if head._can_defer(ctx.sink):
+                    # SparseSGD.step folds the normalize backward into the update (or sampled_rows
+                    # materializes the rows when read first).
+                    head._pending_grad = pending
                 else:
-                    ctx.sink.grad.add_(rows)
+                    rows = pending.rows(ws)
+                    if ctx.sink.grad is None:
+                        # Accumulating micro-batches: the next backward reuses this buffer, so keep a copy.
+                        ctx.sink.grad = rows.clone() if head.holding_sample else rows
+                    else:
+                        ctx.sink.grad.add_(rows)
         return grad_features, None, None, None, None, None
 
 
@@ -204,17 +228,63 @@ class PartialFC(nn.Module):
         self.num_sample = min(self.num_local, math.ceil(sample_rate * self.num_local))
         init = torch.Generator().manual_seed(seed + self.comm.rank)
         # Class centers are updated by SparseSGD only; autograd never sees them as a leaf.
-        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size), generator=init),
-                                   requires_grad=False)
+        # Huge pages (where the OS allows) for the table: each step touches S scattered rows of it.
+        weight = ops.empty_huge((self.num_local, embedding_size), torch.float32)
+        self.weight = nn.Parameter(weight.normal_(0, 0.01, generator=init), requires_grad=False)
         self.sampler = torch.Generator().manual_seed(seed * 7919 + self.comm.rank)
         self.sampled_index = None  # [S] local class ids of the current step
         self.holding_sample = False  # see hold_sample()
+        self._pending_grad = None  # a _PendingRowGrad of the fused CPU path, see sampled_rows
         self.sampled_rows = None   # [S, D] stand-in leaf whose .grad is the gradient of weight[sampled_index]
         # use_ext: the compiled kernels of partialfc._C when they are loaded (PARTIALFC_DISABLE_EXT=1 also
         # turns them off); False forces the pure-PyTorch reference ops.
         self.use_ext = bool(use_ext)
         self._ops = ops.implementation(self.use_ext)
         self._workspace = _Workspace()
+
+    @property
+    def sampled_rows(self):
+        """``[S, D]`` stand-in leaf of this step's sampled rows; ``.grad`` is the gradient of
+        ``weight[sampled_index]`` after backward (materialized here if the fused path deferred it)."""
+        self._materialize_grad()
+        return self._sampled_rows
+
+    @sampled_rows.setter
+    def sampled_rows(self, value):
+        self._pending_grad = None
+        self._sampled_rows = value
+
+    def _can_defer(self, sink):
+        """Whether a fused backward may leave the rows' gradient to the optimizer step: CPU kernel available,
+        no accumulation over micro-batches, and nothing accumulated in ``sink.grad`` yet."""
+        return (sink is self._sampled_rows and sink.grad is None and self._pending_grad is None
+                and not self.holding_sample and ops.fused_update_available(self.weight.device))
+
+    def _materialize_grad(self):
+        pending = self._pending_grad
+        if pending is None:
+            return
+        self._pending_grad = None
+        if pending.generation != self._workspace.generation:
+            raise RuntimeError("PartialFC: the deferred gradient of the sampled rows was overwritten by a later "
+                               "forward before it was used")
+        self._sampled_rows.grad = pending.rows(self._workspace)
+
+    def _take_pending_grad(self):
+        """For ``SparseSGD.step``: the deferred gradient (marked applied) when the fused update may consume
+        it, else None, with ``sampled_rows.grad`` materialized if it was deferred."""
+        pending = self._pending_grad
+        if pending is not None and not pending.applied and pending.generation == self._workspace.generation:
+            pending.applied = True  # a second step without a new backward materializes and reapplies it
+            return pending
+        self._materialize_grad()
+        return None
+
+    def _clear_grad(self):
+        """Drop this step's gradient of the sampled rows (deferred or materialized)."""
+        self._pending_grad = None
+        if self._sampled_rows is not None:
+            self._sampled_rows.grad = None
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "

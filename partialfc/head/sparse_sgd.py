@@ -21,7 +21,9 @@ class SparseSGD(torch.optim.Optimizer):
         weight = self.param_groups[0]["params"][0]
         state = self.state[weight]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(weight)
+            # Huge pages where the OS allows, like the table: the update touches S scattered rows of both.
+            buf = ops.empty_huge(weight.shape, weight.dtype, weight.device) if weight.device.type == "cpu" else None
+            state["momentum_buffer"] = buf.zero_() if buf is not None else torch.zeros_like(weight)
         return state["momentum_buffer"]
 
     @torch.no_grad()
@@ -31,10 +33,18 @@ class SparseSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        group = self.param_groups[0]
+        take = getattr(self.pfc, "_take_pending_grad", None)
+        pending = take() if take is not None else None
+        if pending is not None:
+            # Fused path (CPU kernels): the normalize backward folded into the update, no [S, D] rows written.
+            ops.normalize_backward_sgd_update(group["params"][0], self.momentum_buffer(), self.pfc.sampled_index,
+                                              pending.grad_centers, pending.inv_norm, group["lr"],
+                                              group["momentum"], group["weight_decay"], grad_scale)
+            return loss
         rows = self.pfc.sampled_rows
         if rows is None or rows.grad is None:
             return loss
-        group = self.param_groups[0]
         grad = rows.grad if grad_scale == 1.0 else rows.grad / grad_scale
         impl = getattr(self.pfc, "_ops", ops)  # the head's op set (reference ops when use_ext=False)
         impl.sparse_sgd_update(group["params"][0], self.momentum_buffer(), self.pfc.sampled_index, grad,
@@ -42,5 +52,8 @@ class SparseSGD(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none=True):
-        if self.pfc.sampled_rows is not None:
+        clear = getattr(self.pfc, "_clear_grad", None)
+        if clear is not None:
+            clear()
+        elif self.pfc.sampled_rows is not None:
             self.pfc.sampled_rows.grad = None

@@ -7,7 +7,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "../checks.h"
 
@@ -23,6 +25,34 @@ inline void prefetch_row(const T* row, int64_t dim) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, 0);
 #endif
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// AVX2/FMA variants chosen at run time (the baseline x86-64 build has 4-lane SSE2 only).
+#define PARTIALFC_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PARTIALFC_CLONES
+#endif
+
+// float32 rows: dst = src / max(||src||, 1e-12); returns the inverse norm.
+PARTIALFC_CLONES float normalize_row_f32(const float* __restrict src, float* __restrict dst, int64_t dim) {
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < dim; ++j) sum += src[j] * src[j];
+  const float scale = 1.0f / std::max(std::sqrt(sum), 1e-12f);
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) dst[j] = src[j] * scale;
+  return scale;
+}
+
+// float32 rows: out = (g - n <g, n>) * scale (out may be g).
+PARTIALFC_CLONES void normalize_backward_row_f32(const float* g, const float* __restrict n, float* out, int64_t dim,
+                                                 float scale) {
+  float dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < dim; ++j) dot += g[j] * n[j];
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) out[j] = (g[j] - n[j] * dot) * scale;
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -47,6 +77,10 @@ void gather_normalize_rows(const at::Tensor& weight, const at::Tensor& index, at
         // The sampled rows are scattered over the table (a page each): fetch a later row while this one
         // is processed, since the hardware prefetcher does not cross pages.
         if (i + kPrefetchRows < end) prefetch_row(w + idx[i + kPrefetchRows] * ws0, dim);
+        if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+          inv_norm[i] = normalize_row_f32(src, dst, dim);
+          continue;
+        }
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < dim; ++j) {
           const acc_t v = static_cast<acc_t>(src[j]);
@@ -120,6 +154,10 @@ void normalize_backward_rows(const at::Tensor& grad, const at::Tensor& normalize
       acc_t dot = 0;
       const acc_t scale = inv_norm[i];
       if (gs1 == 1 && ns1 == 1 && os1 == 1) {
+        if constexpr (std::is_same_v<grad_t, float> && std::is_same_v<norm_t, float> && std::is_same_v<acc_t, float>) {
+          normalize_backward_row_f32(gr, nr, orow, dim, scale);
+          continue;
+        }
 #pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < dim; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(nr[j]);
 #pragma omp simd

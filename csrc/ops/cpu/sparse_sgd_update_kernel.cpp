@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../checks.h"
 
 namespace partialfc {
@@ -19,6 +21,25 @@ inline void prefetch_row(T* row, int64_t dim) {
   char* p = reinterpret_cast<char*>(row);
   for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 1, 0);
 #endif
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// An AVX2/FMA variant chosen at run time (the baseline x86-64 build has 4-lane SSE2 only).
+#define PARTIALFC_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PARTIALFC_CLONES
+#endif
+
+// One float32 row of update_rows.
+PARTIALFC_CLONES void sgd_row_f32(float* __restrict w, float* __restrict m, const float* __restrict g, int64_t dim,
+                                  float lr, float mu, float wd) {
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) {
+    const float wv = w[j];
+    const float mv = m[j] * mu + (g[j] + wd * wv);
+    m[j] = mv;
+    w[j] = wv - lr * mv;
+  }
 }
 
 template <typename w_t, typename g_t>
@@ -48,6 +69,10 @@ void update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, c
           prefetch_row(w + next * ws0, dim);
           prefetch_row(m + next * ms0, dim);
         }
+        if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
+          sgd_row_f32(wr, mr, gr, dim, lr, mu, wd);
+          continue;
+        }
 #pragma omp simd
         for (int64_t j = 0; j < dim; ++j) {
           // The gradient is first rounded to the table's dtype, as torch.optim.SGD sees it.
@@ -70,18 +95,129 @@ void update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, c
   });
 }
 
-void sparse_sgd_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer, const at::Tensor& index,
-                           const at::Tensor& grad_rows, double lr, double momentum, double weight_decay) {
-  const char* op = "sparse_sgd_update";
+
+// One float32 row of normalize_backward_update_rows: dot = <g, w * scale>, then
+// grad = (g - w * scale * dot) * scale * inv_gscale; SGD-momentum on w, m.
+PARTIALFC_CLONES void update_row_f32(float* __restrict w, float* __restrict m, const float* __restrict g,
+                                     int64_t dim, float scale, float inv_gscale, float lr, float mu, float wd) {
+  float dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < dim; ++j) dot += g[j] * (w[j] * scale);
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) {
+    const float wv = w[j];
+    const float rv = (g[j] - wv * scale * dot) * scale * inv_gscale;
+    const float mv = m[j] * mu + (rv + wd * wv);
+    m[j] = mv;
+    w[j] = wv - lr * mv;
+  }
+}
+
+// The update of update_rows, with the gradient rows computed on the fly from the gradient of the normalized
+// rows: one sweep reads the weight row (L1 afterwards), the gradient row, and the momentum row, and the
+// second sweep writes weight and momentum. Nothing of size [S, D] is written besides the table rows.
+template <typename w_t, typename g_t>
+void normalize_backward_update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index,
+                                    const at::Tensor& grad, const at::Tensor& inv, double lr_d, double momentum_d,
+                                    double wd_d, double grad_scale_d) {
+  using acc_t = at::opmath_type<w_t>;
+  const int64_t rows = index.numel(), dim = weight.size(1), num_rows = weight.size(0);
+  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ms0 = mom.stride(0), ms1 = mom.stride(1);
+  const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);
+  w_t* w = weight.data_ptr<w_t>();
+  w_t* m = mom.data_ptr<w_t>();
+  const g_t* g = grad.const_data_ptr<g_t>();
+  const acc_t* inv_norm = inv.const_data_ptr<acc_t>();
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  const acc_t lr = static_cast<acc_t>(lr_d), mu = static_cast<acc_t>(momentum_d), wd = static_cast<acc_t>(wd_d);
+  // Loss scales are powers of two in practice, so multiplying by the reciprocal is exact there.
+  const acc_t inv_gscale = static_cast<acc_t>(1.0 / grad_scale_d);
+  const bool unit = ws1 == 1 && ms1 == 1 && gs1 == 1;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = idx[i];
+      TORCH_CHECK(r >= 0 && r < num_rows, "normalize_backward_sgd_update: index[", i, "] = ", r, " is outside [0, ",
+                  num_rows, ")");
+      w_t* wr = w + r * ws0;
+      w_t* mr = m + r * ms0;
+      const g_t* gr = g + i * gs0;
+      const acc_t scale = inv_norm[i];
+      acc_t dot = 0;
+      if (unit) {
+        if (i + kPrefetchRows < end) {
+          const int64_t next = idx[i + kPrefetchRows];
+          prefetch_row(w + next * ws0, dim);
+          prefetch_row(m + next * ms0, dim);
+        }
+        if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
+          update_row_f32(wr, mr, gr, dim, scale, inv_gscale, lr, mu, wd);
+          continue;
+        }
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < dim; ++j)
+          dot += static_cast<acc_t>(gr[j]) * (static_cast<acc_t>(wr[j]) * scale);
+#pragma omp simd
+        for (int64_t j = 0; j < dim; ++j) {
+          const acc_t wv = static_cast<acc_t>(wr[j]);
+          const acc_t rv = (static_cast<acc_t>(gr[j]) - wv * scale * dot) * scale * inv_gscale;
+          const acc_t gv = static_cast<acc_t>(static_cast<w_t>(rv)) + wd * wv;
+          const acc_t mv = static_cast<acc_t>(mr[j]) * mu + gv;
+          mr[j] = static_cast<w_t>(mv);
+          wr[j] = static_cast<w_t>(wv - lr * mv);
+        }
+      } else {
+        for (int64_t j = 0; j < dim; ++j)
+          dot += static_cast<acc_t>(gr[j * gs1]) * (static_cast<acc_t>(wr[j * ws1]) * scale);
+        for (int64_t j = 0; j < dim; ++j) {
+          const acc_t wv = static_cast<acc_t>(wr[j * ws1]);
+          const acc_t rv = (static_cast<acc_t>(gr[j * gs1]) - wv * scale * dot) * scale * inv_gscale;
+          const acc_t gv = static_cast<acc_t>(static_cast<w_t>(rv)) + wd * wv;
+          const acc_t mv = static_cast<acc_t>(mr[j * ms1]) * mu + gv;
+          mr[j * ms1] = static_cast<w_t>(mv);
+          wr[j * ws1] = static_cast<w_t>(wv - lr * mv);
+        }
+      }
+    }
+  });
+}
+
+void check_update_args(const at::Tensor& weight, const at::Tensor& momentum_buffer, const at::Tensor& index,
+                       const at::Tensor& rows, const char* rows_name, const char* op) {
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [num_classes, D], got ", weight.sizes());
   check_rows(weight, weight.size(0), weight.size(1), "weight", op);
   check_rows(momentum_buffer, weight.size(0), weight.size(1), "momentum_buffer", op);
   TORCH_CHECK(momentum_buffer.scalar_type() == weight.scalar_type(), op, ": momentum_buffer dtype ",
               momentum_buffer.scalar_type(), " differs from weight dtype ", weight.scalar_type());
   check_index(index, weight, op);
-  check_rows(grad_rows, index.numel(), weight.size(1), "grad_rows", op);
-  TORCH_CHECK(momentum_buffer.device() == weight.device() && grad_rows.device() == weight.device(), op,
-              ": weight, momentum_buffer and grad_rows must be on one device");
+  check_rows(rows, index.numel(), weight.size(1), rows_name, op);
+  TORCH_CHECK(momentum_buffer.device() == weight.device() && rows.device() == weight.device(), op,
+              ": weight, momentum_buffer and ", rows_name, " must be on one device");
+}
+
+void normalize_backward_sgd_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer, const at::Tensor& index,
+                                       const at::Tensor& grad_normalized, const at::Tensor& inv_norm, double lr,
+                                       double momentum, double weight_decay, double grad_scale) {
+  const char* op = "normalize_backward_sgd_update";
+  check_update_args(weight, momentum_buffer, index, grad_normalized, "grad_normalized", op);
+  check_vector(inv_norm, index.numel(), "inv_norm", op);
+  const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(inv_norm.scalar_type() == acc && inv_norm.device() == weight.device(), op, ": inv_norm must be a ",
+              acc, " tensor on ", weight.device(), ", got ", inv_norm.scalar_type(), " on ", inv_norm.device());
+  TORCH_CHECK(grad_scale != 0.0, op, ": grad_scale must be nonzero");
+  if (index.numel() == 0) return;
+  const at::Tensor idx = index.contiguous(), inv_c = inv_norm.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "nb_sgd_update_w", [&] {
+    using w_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_normalized.scalar_type(), "nb_sgd_update_g", [&] {
+      normalize_backward_update_rows<w_t, scalar_t>(weight, momentum_buffer, idx, grad_normalized, inv_c, lr,
+                                                    momentum, weight_decay, grad_scale);
+    });
+  });
+}
+
+void sparse_sgd_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer, const at::Tensor& index,
+                           const at::Tensor& grad_rows, double lr, double momentum, double weight_decay) {
+  check_update_args(weight, momentum_buffer, index, grad_rows, "grad_rows", "sparse_sgd_update");
   if (index.numel() == 0) return;
   const at::Tensor idx = index.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_sgd_update_w", [&] {
@@ -97,4 +233,5 @@ void sparse_sgd_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer, cons
 
 TORCH_LIBRARY_IMPL(partialfc, CPU, m) {
   m.impl("sparse_sgd_update", &partialfc::sparse_sgd_update_cpu);
+  m.impl("normalize_backward_sgd_update", &partialfc::normalize_backward_sgd_update_cpu);
 }

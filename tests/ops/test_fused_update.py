@@ -1,0 +1,234 @@
+"""The update with the normalize backward folded in (``normalize_backward_sgd_update``), the head's deferred
+gradient of the sampled rows that feeds it, and the huge-page allocation of the head's large tensors."""
+import pytest
+import torch
+
+from partialfc import ops
+from partialfc.head import PartialFC, SparseSGD
+
+from ops_testutil import TOL, noncontiguous_like
+
+P = torch.ops.partialfc
+ARCFACE = (64.0, 1.0, 0.5, 0.0)
+
+
+def make(dtype, grad_dtype, num_rows=300, dim=40, rows=70, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(num_rows, dim, generator=g) * 0.05).to(dtype)
+    momentum = torch.randn(num_rows, dim, generator=g).to(dtype)
+    index = torch.sort(torch.randperm(num_rows, generator=g)[:rows]).values
+    grad = torch.randn(rows, dim, generator=g).to(grad_dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_norm = weight.index_select(0, index).to(acc).norm(dim=1).clamp_min(1e-12).reciprocal()
+    return weight, momentum, index, grad, inv_norm
+
+
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                              (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("grad_scale", [1.0, 1024.0, 3.0])
+def test_kernel_matches_reference_and_composition(dtype, grad_dtype, contiguous, grad_scale):
+    weight, momentum, index, grad, inv_norm = make(dtype, grad_dtype)
+    if not contiguous:
+        weight, momentum, grad = noncontiguous_like(weight), noncontiguous_like(momentum), noncontiguous_like(grad)
+    hyper = (0.1, 0.9, 5e-4)
+    w_ref, m_ref = weight.clone(), momentum.clone()
+    w_two, m_two = weight.clone(), momentum.clone()
+    untouched = torch.ones(weight.shape[0], dtype=torch.bool)
+    untouched[index] = False
+    before_w, before_m = weight[untouched].clone(), momentum[untouched].clone()
+
+    P.normalize_backward_sgd_update(weight, momentum, index, grad, inv_norm, *hyper, grad_scale)
+    ops.normalize_backward_sgd_update_ref(w_ref, m_ref, index, grad, inv_norm, *hyper, grad_scale)
+    # Independent composition: normalize backward on the gathered rows, unscale, then the plain update.
+    normalized = w_two.index_select(0, index).to(inv_norm.dtype) * inv_norm[:, None]
+    rows = ops.gather_normalize_backward_ref(grad, normalized, inv_norm) / grad_scale
+    ops.sparse_sgd_update_ref(w_two, m_two, index, rows, *hyper)
+
+    atol, rtol = TOL[dtype]
+    for w_other, m_other in ((w_ref, m_ref), (w_two, m_two)):
+        torch.testing.assert_close(weight, w_other, atol=atol * 4, rtol=rtol)
+        torch.testing.assert_close(momentum, m_other, atol=atol * 4, rtol=rtol)
+    assert torch.equal(weight[untouched], before_w) and torch.equal(momentum[untouched], before_m)
+    assert not torch.equal(weight[index], w_ref.new_zeros(()).expand_as(weight[index]))
+
+
+def test_kernel_errors():
+    weight, momentum, index, grad, inv_norm = make(torch.float32, torch.float32)
+    with pytest.raises(RuntimeError, match="inv_norm must be a Float tensor"):
+        P.normalize_backward_sgd_update(weight, momentum, index, grad, inv_norm.double(), 0.1, 0.9, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="inv_norm must be \\[70\\]"):
+        P.normalize_backward_sgd_update(weight, momentum, index, grad, inv_norm[:3], 0.1, 0.9, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="grad_scale must be nonzero"):
+        P.normalize_backward_sgd_update(weight, momentum, index, grad, inv_norm, 0.1, 0.9, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="grad_normalized must be \\[70, 40\\]"):
+        P.normalize_backward_sgd_update(weight, momentum, index, grad[:5], inv_norm, 0.1, 0.9, 0.0, 1.0)
+    bad = index.clone()
+    bad[3] = 300
+    with pytest.raises(RuntimeError, match="index\\[3\\] = 300 is outside \\[0, 300\\)"):
+        P.normalize_backward_sgd_update(weight, momentum, bad, grad, inv_norm, 0.1, 0.9, 0.0, 1.0)
+
+
+def test_opcheck():
+    weight, momentum, index, grad, inv_norm = make(torch.float32, torch.float32)
+    torch.library.opcheck(P.normalize_backward_sgd_update, (weight, momentum, index, grad, inv_norm, 0.1, 0.9,
+                                                            5e-4, 2.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The head: deferred gradient (fused update) against the materialized gradient (plain update)
+
+
+def make_head(seed=3, rate=0.3):
+    pfc = PartialFC(32, 400, sample_rate=rate, margin=ARCFACE, seed=seed)
+    return pfc, SparseSGD(pfc, lr=0.2, momentum=0.9, weight_decay=5e-4)
+
+
+def batches(steps, batch=24, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 32, generator=g), torch.randint(0, 400, (batch,), generator=g))
+            for _ in range(steps)]
+
+
+def train(materialize, steps=3, loss_scale=1.0, dtype=None):
+    """``materialize``: read ``sampled_rows.grad`` before each step (the trainer's non-finite check does)."""
+    pfc, opt = make_head()
+    deferred = []
+    for x, y in batches(steps):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = pfc(x.requires_grad_(), y)
+        (loss * loss_scale).backward()
+        deferred.append(pfc._pending_grad is not None)
+        if materialize:
+            assert pfc.sampled_rows.grad is not None
+            assert pfc._pending_grad is None
+        opt.step(grad_scale=loss_scale)
+        opt.zero_grad()
+    return pfc.weight.detach().clone(), opt.momentum_buffer().clone(), deferred
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_deferred_update_equals_materialized_update(dtype):
+    w_fused, m_fused, deferred = train(False, dtype=dtype)
+    w_plain, m_plain, _ = train(True, dtype=dtype)
+    assert all(deferred)  # the fused update really ran
+    w_scale, m_scale = float(w_plain.abs().max()), float(m_plain.abs().max())
+    if dtype is None:
+        torch.testing.assert_close(w_fused, w_plain, atol=1e-6 * w_scale, rtol=1e-5)
+        torch.testing.assert_close(m_fused, m_plain, atol=1e-5 * m_scale, rtol=1e-4)
+    else:
+        # bf16: the plain path projects with the bf16-rounded normalized rows, the fused update with the
+        # float32 ones it recomputes from the table; tolerances as in the bf16 head-vs-reference test.
+        torch.testing.assert_close(w_fused, w_plain, atol=2e-2 * w_scale, rtol=5e-2)
+        torch.testing.assert_close(m_fused, m_plain, atol=2e-2 * m_scale, rtol=5e-2)
+
+
+def test_deferred_update_with_loss_scale():
+    w_scaled, m_scaled, _ = train(False, loss_scale=256.0)
+    w_plain, m_plain, _ = train(False)
+    torch.testing.assert_close(w_scaled, w_plain, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(m_scaled, m_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_deferred_matches_reference_path():
+    """The fused-update head against the pure-PyTorch reference head (same classes sampled)."""
+    out = []
+    for use_ext in (True, False):
+        pfc = PartialFC(32, 400, sample_rate=1.0, margin=ARCFACE, use_ext=use_ext)
+        opt = SparseSGD(pfc, lr=0.2, momentum=0.9, weight_decay=5e-4)
+        for x, y in batches(3):
+            pfc(x, y).backward()
+            assert (pfc._pending_grad is not None) == use_ext
+            opt.step()
+            opt.zero_grad()
+        out.append(pfc.weight.detach().clone())
+    torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=1e-5)
+
+
+def test_grad_readable_after_fused_step_and_second_step_reapplies():
+    (x, y), = batches(1)
+    a, opt_a = make_head()
+    b, opt_b = make_head()
+    a(x, y).backward()
+    b(x, y).backward()
+    grad_b = b.sampled_rows.grad.clone()  # materialized before the step
+    opt_a.step()  # fused
+    opt_b.step()  # plain
+    torch.testing.assert_close(a.sampled_rows.grad, grad_b, atol=1e-6, rtol=1e-5)  # still readable
+    torch.testing.assert_close(a.weight, b.weight, atol=1e-7, rtol=1e-5)
+    opt_a.step()  # no new backward: the same gradient again, as torch optimizers do
+    opt_b.step()
+    torch.testing.assert_close(a.weight, b.weight, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(opt_a.momentum_buffer(), opt_b.momentum_buffer(), atol=1e-6, rtol=1e-5)
+
+
+def test_zero_grad_discards_deferred_gradient():
+    pfc, opt = make_head()
+    before = pfc.weight.detach().clone()
+    (x, y), = batches(1)
+    pfc(x, y).backward()
+    assert pfc._pending_grad is not None
+    opt.zero_grad()
+    assert pfc.sampled_rows.grad is None
+    opt.step()
+    assert torch.equal(pfc.weight, before)
+
+
+def test_accumulation_keeps_gradient_rows():
+    """hold_sample (micro-batches): rows are materialized each backward and add up; equal to one big batch."""
+    (x, y), = batches(1, batch=24)
+    big, opt_big = make_head()
+    big(x, y).backward()
+    opt_big.step()
+    acc, opt_acc = make_head()
+    acc.hold_sample([y[:12], y[12:]])
+    for part in (slice(0, 12), slice(12, 24)):
+        (acc(x[part], y[part]) / 2).backward()
+        assert acc._pending_grad is None and acc.sampled_rows.grad is not None
+    opt_acc.step()
+    acc.hold_sample(None)
+    torch.testing.assert_close(acc.weight, big.weight, atol=1e-6, rtol=1e-5)
+
+
+def test_reference_ops_never_defer():
+    pfc = PartialFC(32, 400, sample_rate=0.3, margin=ARCFACE, use_ext=False)
+    (x, y), = batches(1)
+    pfc(x, y).backward()
+    assert pfc._pending_grad is None and pfc.sampled_rows.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Huge pages
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def test_head_init_values_unchanged_by_huge_page_allocation():
+    pfc = PartialFC(16, 70000, seed=9)  # 4.5 MB: allocated with madvise
+    expected = torch.normal(0, 0.01, (70000, 16), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(pfc.weight.detach(), expected)
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="transparent huge pages are disabled here")
+def test_empty_huge_is_backed_by_huge_pages():
+    t = ops.empty_huge((8 << 20,), torch.float32)  # 32 MiB
+    t.fill_(1.0)
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * 4
+    huge_kb = 0
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo < end and hi > start
+            elif inside and line.startswith("AnonHugePages:"):
+                huge_kb += int(line.split()[1])
+    assert huge_kb >= 16 << 10  # most of the 32 MiB (edges may stay in 4 KiB pages)
+    assert not ops.advise_huge_pages(torch.empty(10))  # small tensors are left alone

@@ -26,6 +26,14 @@ class SparseSGD(torch.optim.Optimizer):
             state["momentum_buffer"] = buf.zero_() if buf is not None else torch.zeros_like(weight)
         return state["momentum_buffer"]
 
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        weight = self.param_groups[0]["params"][0]
+        buf = self.state[weight].get("momentum_buffer") if weight in self.state else None
+        if buf is not None and buf.device.type == "cpu" and buf.numel() == weight.numel():
+            # Back the restored buffer with huge pages too (see momentum_buffer).
+            self.state[weight]["momentum_buffer"] = ops.empty_huge(buf.shape, buf.dtype).copy_(buf)
+
     @torch.no_grad()
     def step(self, closure=None, grad_scale=1.0):
         """Apply ``pfc.sampled_rows.grad / grad_scale`` to ``pfc.weight[pfc.sampled_index]``."""

@@ -232,3 +232,17 @@ def test_empty_huge_is_backed_by_huge_pages():
                 huge_kb += int(line.split()[1])
     assert huge_kb >= 16 << 10  # most of the 32 MiB (edges may stay in 4 KiB pages)
     assert not ops.advise_huge_pages(torch.empty(10))  # small tensors are left alone
+
+
+def test_load_state_dict_restores_momentum():
+    pfc, opt = make_head()
+    for x, y in batches(2):
+        pfc(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    saved = opt.state_dict()
+    fresh = SparseSGD(pfc, lr=0.5, momentum=0.0, weight_decay=0.0)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["lr"] == 0.2 and fresh.param_groups[0]["momentum"] == 0.9
+    assert torch.equal(fresh.momentum_buffer(), opt.momentum_buffer())
+    assert fresh.momentum_buffer().data_ptr() != opt.momentum_buffer().data_ptr()

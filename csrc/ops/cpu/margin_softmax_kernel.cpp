@@ -17,11 +17,9 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // Hot float loops get an AVX2/FMA variant chosen at run time; other machines run the baseline build.
-#define PARTIALFC_CLONES __attribute__((target_clones("avx2", "default")))
 #define PARTIALFC_X86_DISPATCH 1
 #pragma GCC diagnostic ignored "-Wpsabi"
 #else
-#define PARTIALFC_CLONES
 #define PARTIALFC_X86_DISPATCH 0
 #endif
 
@@ -138,11 +136,26 @@ void softmax_scale_f32(float* row, int64_t n, float shift, float inv_sum, float 
   softmax_scale_impl<vfloat4, vint4>(row, n, shift, inv_sum * scale);
 }
 
-// Clamp to [-1, 1], multiply by s, and return the row max; the target column (if any) is rewritten after.
-PARTIALFC_CLONES float clamp_scale_max_f32(float* row, int64_t n, float s) {
+// Clamp to [-1, 1] (NaN stays NaN, as torch.clamp), multiply by s, and return the row max (NaN ignored);
+// the target column (if any) is rewritten after. Written with vector types: the scalar form's branches kept
+// GCC from vectorizing it, and it cost three times the exp pass.
+template <typename VF>
+PARTIALFC_INLINE float clamp_scale_max_impl(float* row, int64_t n, float s) {
+  constexpr int lanes = sizeof(VF) / sizeof(float);
+  const VF lo = VF{} - 1.0f, hi = VF{} + 1.0f;
+  VF vmx = VF{} - std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j + lanes <= n; j += lanes) {
+    VF v = load_vec<VF>(row + j);
+    v = v < lo ? lo : v;
+    v = v > hi ? hi : v;
+    v = v * s;
+    std::memcpy(row + j, &v, sizeof(v));
+    vmx = v > vmx ? v : vmx;
+  }
   float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) {
+  for (int i = 0; i < lanes; ++i) mx = vmx[i] > mx ? vmx[i] : mx;
+  for (; j < n; ++j) {
     float v = row[j];
     v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
     v = v * s;
@@ -150,6 +163,45 @@ PARTIALFC_CLONES float clamp_scale_max_f32(float* row, int64_t n, float s) {
     mx = v > mx ? v : mx;
   }
   return mx;
+}
+
+// max_j row[j] (NaN ignored), for the rows whose target column held the max before the margin.
+template <typename VF>
+PARTIALFC_INLINE float row_max_impl(const float* row, int64_t n) {
+  constexpr int lanes = sizeof(VF) / sizeof(float);
+  VF vmx = VF{} - std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j + lanes <= n; j += lanes) {
+    const VF v = load_vec<VF>(row + j);
+    vmx = v > vmx ? v : vmx;
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int i = 0; i < lanes; ++i) mx = vmx[i] > mx ? vmx[i] : mx;
+  for (; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+  return mx;
+}
+
+#if PARTIALFC_X86_DISPATCH
+__attribute__((target("avx2,fma"))) float clamp_scale_max_avx2(float* row, int64_t n, float s) {
+  return clamp_scale_max_impl<vfloat8>(row, n, s);
+}
+__attribute__((target("avx2,fma"))) float row_max_avx2(const float* row, int64_t n) {
+  return row_max_impl<vfloat8>(row, n);
+}
+#endif
+
+float clamp_scale_max_f32(float* row, int64_t n, float s) {
+#if PARTIALFC_X86_DISPATCH
+  if (has_avx2()) return clamp_scale_max_avx2(row, n, s);
+#endif
+  return clamp_scale_max_impl<vfloat4>(row, n, s);
+}
+
+float row_max_f32(const float* row, int64_t n) {
+#if PARTIALFC_X86_DISPATCH
+  if (has_avx2()) return row_max_avx2(row, n);
+#endif
+  return row_max_impl<vfloat4>(row, n);
 }
 
 template <typename scalar_t>
@@ -205,7 +257,16 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
           mx = tl;
         } else if (static_cast<acc_t>(static_cast<scalar_t>(tc * s)) == mx || mx != mx) {
           mx = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, static_cast<acc_t>(row[j * cs]));
+          bool fast = false;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (cs == 1) {
+              mx = row_max_f32(row, cols);
+              fast = true;
+            }
+          }
+          if (!fast) {
+            for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, static_cast<acc_t>(row[j * cs]));
+          }
         }
       }
       acc_t sum = 0;

@@ -1,32 +1,13 @@
 """A small residual face backbone for CPU development and the embedded synthetic dataset.
 
-Same shape of network as iresnet (IBasicBlock stages, then BN -> dropout -> FC -> BN embedding head), with
-half-resolution input, a strided stem and narrow stages, so that a 2-core laptop trains it in minutes:
-about 0.03 GFLOPs at 112x112.
+The iresnet design at a laptop's scale: the same IBasicBlock stages and BN -> dropout -> FC -> BN embedding
+head, on half-resolution input with a strided stem and narrow stages, so that a 2-core CPU trains it in
+minutes: about 0.03 GFLOPs at 112x112.
 """
-import torch
 from torch import nn
 
+from .iresnet import IBasicBlock, autocast_off, body_autocast, run_stage
 from .registry import register_backbone
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inplanes, planes, stride):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-5)
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, eps=1e-5)
-        self.prelu = nn.PReLU(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes, eps=1e-5)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                            nn.BatchNorm2d(planes, eps=1e-5))
-
-    def forward(self, x):
-        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        return out + (x if self.downsample is None else self.downsample(x))
 
 
 class SmallFaceNet(nn.Module):
@@ -38,7 +19,8 @@ class SmallFaceNet(nn.Module):
                                   nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0]))
         stages, inplanes = [], widths[0]
         for planes in widths[1:]:
-            stages.append(BasicBlock(inplanes, planes, 2))
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, 2, bias=False), nn.BatchNorm2d(planes, eps=1e-5))
+            stages.append(IBasicBlock(inplanes, planes, 2, downsample))
             inplanes = planes
         self.stages = nn.ModuleList(stages)
         self.bn2 = nn.BatchNorm2d(inplanes, eps=1e-5)
@@ -49,18 +31,13 @@ class SmallFaceNet(nn.Module):
         self.features.weight.requires_grad = False  # as iresnet: a fixed-scale embedding BN
 
     def forward(self, x):  # [N, 3, 112, 112] -> [N, num_features]
-        device_type = x.device.type
-        amp_dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-        with torch.autocast(device_type, dtype=amp_dtype, enabled=self.fp16):
+        with body_autocast(self.fp16, x.device.type):
             x = self.stem(x)
             for stage in self.stages:
-                if self.checkpointing and self.training:
-                    x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
-                else:
-                    x = stage(x)
-            x = self.dropout(torch.flatten(self.bn2(x), 1))
-        x = self.fc(x.float() if self.fp16 else x)
-        return self.features(x)
+                x = run_stage(stage, x, self.checkpointing and self.training)
+            x = self.dropout(self.bn2(x).flatten(1))
+        with autocast_off(x.device.type):  # the embedding head always runs in float32
+            return self.features(self.fc(x.float()))
 
 
 @register_backbone("small")

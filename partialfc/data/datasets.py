@@ -13,16 +13,19 @@ Two .rec layouts are accepted:
   class), no header record.
 """
 import logging
+import mmap
 import os
 import re
+import struct
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from . import recordio
 from .recordio import RecordIOError, read_record_at, unpack
-from .transforms import CorruptCounter, CorruptImageError, decode_to_tensor, flip_bit
+from .transforms import CorruptCounter, CorruptImageError, FlipTable, decode_to_tensor, decoded_to_tensor
 
 logger = logging.getLogger("partialfc.data")
 
@@ -75,26 +78,60 @@ def read_index(idx_path, rec_path):
     return keys, offsets
 
 
+def record_extents(offsets, all_offsets, file_size):
+    """Bytes from each of ``offsets`` to the next record start in ``all_offsets`` (or the end of the file):
+    the frame, payload and padding of a single-part record, read with one ``pread``."""
+    starts = np.unique(np.asarray(all_offsets, dtype=np.int64))
+    nxt = np.searchsorted(starts, offsets, side="right")
+    ends = np.append(starts, np.int64(file_size))[nxt]
+    return ends - offsets
+
+
+# A single-part record's frame plus the first two IRHeader fields: magic, lrec, flag, label.
+_FAST_HEAD = struct.Struct("<IIIf")
+_F32 = struct.Struct("<f")
+
+
+def parse_record(buf, size):
+    """``(label, payload memoryview)`` of the single-part record at the start of ``buf`` (``size`` bytes read),
+    or None when it needs the general reader (multi-part record, bad frame, short read)."""
+    if size < 32:
+        return None
+    magic, lrec, flag, label = _FAST_HEAD.unpack_from(buf)
+    start = 32 + 4 * flag
+    end = 8 + lrec  # lrec < 2**29 exactly when the continuation flag is 0
+    if magic != recordio.MAGIC or end > size or start > end:
+        return None
+    return (int(label) if flag == 0 else int(_F32.unpack_from(buf, 32)[0])), memoryview(buf)[start:end]
+
+
+# Bumped in every forked child, so that a descriptor is reopened once per process without a getpid()
+# system call per read.
+_FORK_GENERATION = [0]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _FORK_GENERATION.__setitem__(0, _FORK_GENERATION[0] + 1))
+
+
 class _RecFile:
     """A lazily (re)opened read-only descriptor, one per process, for pread-based record access."""
 
     def __init__(self, path):
         self.path = path
         self._fd = None
-        self._pid = None
+        self._gen = None
 
     @property
     def fd(self):
-        if self._pid != os.getpid():
+        if self._gen != _FORK_GENERATION[0] or self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-            self._pid = os.getpid()
+            self._gen = _FORK_GENERATION[0]
         return self._fd
 
     def __getstate__(self):
-        return {"path": self.path, "_fd": None, "_pid": None}
+        return {"path": self.path, "_fd": None, "_gen": None}
 
-    def record(self, offset, key=None):
-        return read_record_at(self.fd, int(offset), self.path, key)
+    def record(self, offset, key=None, size_hint=8192):
+        return read_record_at(self.fd, int(offset), self.path, key, size_hint=max(int(size_hint), 8))
 
     def header(self, offset, key=None):
         """The IRHeader of the record at ``offset`` without reading its payload."""
@@ -122,14 +159,22 @@ class _Augmented:
         self.seed = int(seed)
         self.epoch = 0
         self.random_flip = bool(random_flip)
+        self._flips = None
         self.corrupt_images = corrupt_images
         self.corrupt = CorruptCounter()
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
+        self._flips = None
 
     def _flip(self, index):
-        return self.random_flip and flip_bit(self.seed, self.epoch, index)
+        """``flip_bit(seed, epoch, index)``, looked up in a per-process table of this epoch's coins."""
+        if not self.random_flip:
+            return False
+        table = self._flips
+        if table is None or table.epoch != self.epoch or table.seed != self.seed:
+            self._flips = table = FlipTable(self.seed, self.epoch, getattr(self, "num_images", None) or len(self))
+        return table(index)
 
 
 class IndexedRecordDataset(_Augmented, Dataset):
@@ -160,6 +205,7 @@ class IndexedRecordDataset(_Augmented, Dataset):
                 self.labels[i] = header_label(self.file.header(off, k))
         if len(self.keys) == 0:
             raise DataError(f"RecordIO file {self.path!r} holds no images")
+        self.extents = record_extents(self.offsets, offsets, os.path.getsize(self.path))
         inferred = int(self.labels.max()) + 1
         self.num_classes = int(num_classes) if num_classes is not None else inferred
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
@@ -202,11 +248,37 @@ class IndexedRecordDataset(_Augmented, Dataset):
         return len(self.keys)
 
     def __getitem__(self, index):
-        for attempt in range(len(self.keys)):
-            i = (index + attempt) % len(self.keys)
-            key, off = int(self.keys[i]), int(self.offsets[i])
-            header, payload = unpack(self.file.record(off, key))
-            label = header_label(header)
+        i = index % len(self.keys)
+        # Fast path: one pread of the whole record (its extent is known from the .idx), the frame and the
+        # header parsed in place, the JPEG decoded from a view of the read buffer.
+        f = self.file
+        buf = os.pread(f._fd if f._gen == _FORK_GENERATION[0] else f.fd, self.extents.item(i), self.offsets.item(i))
+        if len(buf) > 32:
+            magic, lrec, flag, label = _FAST_HEAD.unpack_from(buf)
+            # flag 0: a scalar label; 32 < 8 + lrec <= len(buf): a whole single-part record with an IRHeader
+            # and a non-empty payload
+            if magic == recordio.MAGIC and flag == 0 and 32 < 8 + lrec <= len(buf):
+                label = int(label)
+                if 0 <= label < self.num_classes:
+                    img = cv2.imdecode(np.frombuffer(buf, np.uint8, lrec - 24, 32), cv2.IMREAD_COLOR)
+                    if img is not None:
+                        return decoded_to_tensor(img, self._flip(index)), label
+        return self._getitem_checked(index)
+
+    def _getitem_checked(self, index):
+        """``__getitem__`` for everything off the fast path: multi-part records, multi-value labels, damaged
+        frames, labels out of range and undecodable images (``corrupt_images``)."""
+        n = len(self.keys)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            off, size, key = int(self.offsets[i]), int(self.extents[i]), int(self.keys[i])
+            buf = os.pread(self.file.fd, size, off)
+            parsed = parse_record(buf, len(buf))
+            if parsed is None:  # multi-part record or a damaged frame: the general reader joins or reports it
+                header, payload = unpack(self.file.record(off, key, size))
+                label = header_label(header)
+            else:
+                label, payload = parsed
             if not 0 <= label < self.num_classes:
                 check_label(label, self.num_classes, self.path, key)
             try:
@@ -215,7 +287,7 @@ class IndexedRecordDataset(_Augmented, Dataset):
             except CorruptImageError as e:
                 if self.corrupt_images == "fail":
                     raise
-                self.corrupt.skipped(f"{e}; using key {int(self.keys[(i + 1) % len(self.keys)])} instead")
+                self.corrupt.skipped(f"{e}; using key {int(self.keys[(i + 1) % n])} instead")
                 continue
             return img, label
         raise DataError(f"no decodable image in {self.path!r}")
@@ -280,24 +352,27 @@ class ImageFolderDataset(_Augmented, Dataset):
 
 
 def _sequential_offsets(path, idx_path):
-    """Byte offsets (file order) of the image records of a .rec read front to back, and the labels
-    known without reading payloads (None when they were not scanned)."""
+    """Byte offsets (file order) of the image records of a .rec read front to back, their extents (bytes to
+    the next record start), the labels known without reading payloads (None when they were not scanned) and
+    the identity count of the insightface layout (else None)."""
+    size = os.path.getsize(path)
     if idx_path and os.path.isfile(idx_path):
-        keys, offsets = read_index(idx_path, path)
-        order = np.argsort(offsets, kind="stable")
-        offsets = offsets[order]
+        keys, all_offsets = read_index(idx_path, path)
+        order = np.argsort(all_offsets, kind="stable")
+        offsets = all_offsets[order]
         keys = [keys[i] for i in order]
-        f = _RecFile(path)
+        n_ids = None
         if len(offsets):
-            h0, p0 = unpack(f.record(offsets[0], keys[0]))
+            h0, p0 = unpack(_RecFile(path).record(offsets[0], keys[0]))
             if _is_header_record(h0, p0):
                 first_id = int(h0.label[0])
                 # insightface layout: image keys 1 .. first_id-1, identity records after them
                 keep = np.asarray([1 <= k < first_id for k in keys], dtype=bool)
-                return offsets[keep], None, int(h0.label[1]) - first_id
-        return offsets, None, None
-    offsets, labels = [], []
+                offsets, n_ids = offsets[keep], int(h0.label[1]) - first_id
+        return offsets, record_extents(offsets, all_offsets, size), None, n_ids
+    starts, offsets, labels = [], [], []
     for off, length, first in recordio.scan_records(path, header_bytes=28):
+        starts.append(off)
         h, rest = unpack(first) if len(first) >= 24 else (None, b"")
         if h is None:
             raise DataError(f"record at offset {off} of {path!r} is {length} bytes, shorter than an IRHeader")
@@ -305,7 +380,8 @@ def _sequential_offsets(path, idx_path):
             continue
         offsets.append(off)
         labels.append(int(h.label) if h.flag == 0 else int(np.frombuffer(first[24:28], np.float32)[0]))
-    return np.asarray(offsets, dtype=np.int64), np.asarray(labels, dtype=np.int64), None
+    offsets = np.asarray(offsets, dtype=np.int64)
+    return offsets, record_extents(offsets, starts, size), np.asarray(labels, dtype=np.int64), None
 
 
 def _read_property(folder):
@@ -318,6 +394,48 @@ def _read_property(folder):
         except ValueError:
             raise DataError(f"malformed property file {p!r}: {text!r} (expected 'num_classes,112,112')") from None
     return None
+
+
+def _libc_mincore():
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.mincore
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        return ctypes, fn
+    except (OSError, AttributeError, ImportError):
+        return None, None
+
+
+_ctypes, _mincore = _libc_mincore()
+
+
+def _resident(mapped):
+    """Whether the first and the last page of the read-only ``mmap`` are in the page cache (``mincore``,
+    which starts no I/O); False where that cannot be told."""
+    if _mincore is None:
+        return False
+    n = len(mapped)
+    vec = np.zeros(1, np.uint8)
+    addr = np.frombuffer(mapped, np.uint8).ctypes.data  # a read-only mapping has no writable ctypes view
+    last = (n - 1) - (n - 1) % mmap.PAGESIZE
+    for page in (0, last):
+        if _mincore(addr + page, 1, vec.ctypes.data) != 0 or not vec[0] & 1:
+            return False
+    return True
+
+
+def _pread_into(fd, buf, size, offset):
+    """Read up to ``size`` bytes at ``offset`` into the start of ``buf``; returns the count (less only at EOF)."""
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:size]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 class SequentialRecordDataset(_Augmented, IterableDataset):
@@ -340,7 +458,7 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
             raise DataError(f"RecordIO file {self.path!r} does not exist")
         if idx_path is None:
             idx_path = os.path.splitext(self.path)[0] + ".idx"
-        self.offsets, labels, n_ids = _sequential_offsets(self.path, idx_path)
+        self.offsets, self.extents, labels, n_ids = _sequential_offsets(self.path, idx_path)
         self.num_images = len(self.offsets)
         if num_classes is None:
             num_classes = _read_property(os.path.dirname(self.path)) or n_ids
@@ -395,36 +513,87 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
                 break
         return spans
 
-    def _records(self, spans, window=8 << 20):
-        """(record index, offset, bytes) of every record in ``spans``, read in large sequential blocks."""
-        offsets = self.offsets
-        frame, magic_word, mask = recordio._FRAME, recordio.MAGIC, recordio._LEN_MASK
+    def _records(self, spans, window=8 << 20, read_window=1 << 20, use_mmap=True):
+        """``(record index, offset, payload)`` of every record in ``spans``, read in large sequential blocks.
+
+        A block of whole records (about ``window`` bytes) whose pages are in the page cache (``mincore`` of
+        its first and last page) is mapped read-only with ``mmap``: no copy at all. Otherwise (the data is
+        still on disk, or the file cannot be mapped) the block is read in pieces of about ``read_window``
+        bytes with ``preadv`` into one reused buffer, which lets the kernel's read-ahead stream the file. The
+        frames of all records of a piece are checked at once with numpy, and each single-part record comes
+        out as a memoryview of the piece (no copy). A view is only guaranteed until the next record is
+        requested, so a caller that keeps a record copies it; a mapped block is unmapped when its last view
+        is released. Multi-part records and damaged frames go through the general reader (``bytes``, or a
+        ``RecordIOError`` naming the file and offset).
+        """
+        ends = self.offsets + self.extents
+        gran = mmap.ALLOCATIONGRANULARITY
+        block = None
         fd = os.open(self.path, os.O_RDONLY)
         try:
+            file_size = os.fstat(fd).st_size
             for start, stop in spans:
-                buf, base = b"", 0
-                for i, off in zip(range(start, stop), offsets[start:stop].tolist()):
-                    rel = off - base
-                    if rel < 0 or rel + 8 > len(buf):
-                        buf, base, rel = os.pread(fd, window, off), off, 0
-                        if len(buf) < 8:
-                            raise RecordIOError(f"{self.path!r} ends at offset {off} where record {i} "
-                                                f"was expected")
-                    magic, lrec = frame.unpack_from(buf, rel)
-                    end = rel + 8 + (lrec & mask)
-                    if magic != magic_word or lrec >> 29:
-                        # multi-part record or a bad frame: the general reader joins or reports it
-                        yield i, off, read_record_at(fd, off, self.path)
+                span_ends = ends[start:stop]
+                j = start
+                while j < stop:
+                    base = int(self.offsets[j])
+                    k = max(j + 1, start + int(np.searchsorted(span_ends, base + window, side="right")))
+                    size = int(ends[k - 1]) - base
+                    mapped = None
+                    if use_mmap and base + size <= file_size:
+                        lo = base - base % gran
+                        try:
+                            mapped = mmap.mmap(fd, base + size - lo, prot=mmap.PROT_READ, offset=lo)
+                        except (OSError, ValueError):  # a file system without mmap: read instead
+                            use_mmap = False
+                        else:
+                            if not _resident(mapped):  # on disk: page faults would read 128 KiB at a time
+                                mapped.close()
+                                mapped = None
+                    if mapped is not None:
+                        yield from self._checked(fd, mapped, base - lo, size, j, k)
+                        del mapped
+                        j = k
                         continue
-                    if end > len(buf):
-                        buf, base, rel = os.pread(fd, max(window, end - rel), off), off, 0
-                        end = 8 + (lrec & mask)
-                        if end > len(buf):
-                            raise RecordIOError(f"truncated RecordIO file {self.path!r}, offset {off}: the "
-                                                f"record says {lrec & mask} bytes but only {len(buf) - 8} remain")
-                    yield i, off, buf[rel + 8:end]
+                    while j < k:  # read the block piece by piece
+                        base = int(self.offsets[j])
+                        kk = min(k, max(j + 1, start + int(np.searchsorted(span_ends, base + read_window,
+                                                                            side="right"))))
+                        want = int(ends[kk - 1]) - base
+                        if block is None or len(block) < want:
+                            block = bytearray(max(read_window, want))
+                        got = _pread_into(fd, block, want, base)
+                        yield from self._checked(fd, block, 0, got, j, kk, want)
+                        j = kk
         finally:
             os.close(fd)
+
+    def _checked(self, fd, buf, shift, got, j, k, want=None):
+        """The records ``[j, k)`` held in ``buf`` from byte ``shift`` on (``got`` bytes of them, ``want``
+        expected): every frame checked at once, then memoryviews of the payloads."""
+        offsets, extents = self.offsets[j:k], self.extents[j:k]
+        rel = offsets - (int(offsets[0]) - shift)
+        if (want is None or got == want) and not (rel & 3).any():  # records are 4-byte aligned in RecordIO
+            words = np.frombuffer(buf, np.uint32, (shift + got) >> 2)
+            w = rel >> 2
+            magic, lrec = words[w], words[w + 1]
+            del words
+        else:  # odd offsets or a short read: gather the 8 frame bytes one by one
+            raw = np.frombuffer(buf, np.uint8, shift + got)
+            pos = np.minimum(rel[:, None] + np.arange(8), max(shift + got - 1, 0))
+            heads = raw[pos].copy().view(np.uint32) if got else np.zeros((k - j, 2), np.uint32)
+            magic, lrec = heads[:, 0], heads[:, 1]
+            del raw
+        stop_at = rel + 8 + lrec  # lrec >= 2**29 (a multi-part record) fails the next test
+        good = (magic == recordio.MAGIC) & (stop_at <= np.minimum(rel + extents, shift + got))
+        view = memoryview(buf)
+        if good.all():
+            # the common case, with no Python bytecode per record: zip and map build the items
+            return zip(range(j, k), offsets.tolist(),
+                       map(view.__getitem__, map(slice, (rel + 8).tolist(), stop_at.tolist())))
+        # multi-part records and damaged frames: the general reader joins or reports them
+        return ((i, off, view[a:b] if ok else read_record_at(fd, off, self.path)) for i, off, a, b, ok in
+                zip(range(j, k), offsets.tolist(), (rel + 8).tolist(), stop_at.tolist(), good.tolist()))
 
     def __iter__(self):
         info = get_worker_info()
@@ -435,7 +604,8 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
         buf = []
         last = None
         draws, d = rng.random(4096).tolist(), 0
-        for item in self._records(spans):
+        for i, off, rec in self._records(spans):
+            item = (i, off, bytes(rec))  # the buffer keeps its own copy: the reader reuses its block
             if len(buf) < capacity:
                 buf.append(item)
                 continue
@@ -455,13 +625,25 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
 
     def _decode(self, item, buf, rng, last):
         i, off, rec = item
-        header, payload = unpack(rec)
-        label = header_label(header)
+        if len(rec) > 24:  # fast path: a scalar label in range and a decodable image
+            flag, label = _IR_HEAD.unpack_from(rec)
+            if flag == 0:
+                label = int(label)
+                if 0 <= label < self.num_classes:
+                    img = cv2.imdecode(np.frombuffer(rec, np.uint8, len(rec) - 24, 24), cv2.IMREAD_COLOR)
+                    if img is not None:
+                        return decoded_to_tensor(img, self._flip(i)), label
+        return self._decode_checked(item, buf, rng, last)
+
+    def _decode_checked(self, item, buf, rng, last):
+        """``_decode`` off the fast path: multi-value labels, labels out of range, undecodable images."""
+        i, off, rec = item
+        label, payload = _split_record(rec)
         if not 0 <= label < self.num_classes:
-            check_label(label, self.num_classes, self.path, f"{header.id} (offset {off})")
+            check_label(label, self.num_classes, self.path, f"{_record_id(rec)} (offset {off})")
         try:
             return decode_to_tensor(payload, self._flip(i),
-                                    where=lambda: f"record key {header.id} of {self.path!r} (offset {off})"), label
+                                    where=lambda: f"record key {_record_id(rec)} of {self.path!r} (offset {off})"), label
         except CorruptImageError as e:
             if self.corrupt_images == "fail":
                 raise
@@ -470,11 +652,31 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
                 if not buf:
                     break
                 j = int(rng.integers(len(buf)))
-                h2, p2 = unpack(buf[j][2])
+                label2, payload2 = _split_record(buf[j][2])
                 try:
-                    return decode_to_tensor(p2, self._flip(buf[j][0])), header_label(h2)
+                    return decode_to_tensor(payload2, self._flip(buf[j][0])), label2
                 except CorruptImageError:
                     continue
             if last is not None:
                 return last
             raise
+
+
+_IR_HEAD = struct.Struct("<If")
+_IR_ID = struct.Struct("<Q")
+
+
+def _split_record(rec):
+    """``(class label, image bytes view)`` of a record's bytes (IRHeader + payload), as ``unpack`` +
+    ``header_label`` would give, without building the header."""
+    if len(rec) < 24:
+        unpack(rec)  # raises the RecordIOError naming the sizes
+    flag, label = _IR_HEAD.unpack_from(rec)
+    if flag == 0:
+        return int(label), memoryview(rec)[24:]
+    header, payload = unpack(rec)  # multi-value label: validates the label count
+    return header_label(header), payload
+
+
+def _record_id(rec):
+    return _IR_ID.unpack_from(rec, 8)[0]

@@ -174,6 +174,9 @@ class _Augmented:
         table = self._flips
         if table is None or table.epoch != self.epoch or table.seed != self.seed:
             self._flips = table = FlipTable(self.seed, self.epoch, getattr(self, "num_images", None) or len(self))
+        if 0 <= index < table.size:  # FlipTable.__call__, inlined: this runs once per sample
+            block = table.blocks[index >> 16] or table._fill(index >> 16)
+            return (block[(index & 0xFFFF) >> 3] >> (index & 7)) & 1 == 1
         return table(index)
 
 

@@ -63,6 +63,11 @@ def test_non_contiguous_input_and_default_flip():
     np.testing.assert_array_equal(bits(op(view).numpy()), bits(reference(base.transpose(1, 0, 2), False)))
 
 
+def test_output_needs_no_grad():
+    with torch.enable_grad():
+        assert not op(torch.from_numpy(image(8, 8)), True).requires_grad
+
+
 def test_empty_image():
     assert tuple(op(torch.zeros((0, 5, 3), dtype=torch.uint8), True).shape) == (3, 0, 5)
     assert tuple(op(torch.zeros((4, 0, 3), dtype=torch.uint8), False).shape) == (3, 4, 0)

@@ -407,7 +407,7 @@ def _libc_mincore():
         fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         fn.restype = ctypes.c_int
         return ctypes, fn
-    except (OSError, AttributeError, ImportError):
+    except (OSError, AttributeError, ImportError, TypeError):  # no C library to load (not a POSIX system)
         return None, None
 
 
@@ -434,11 +434,19 @@ def _pread_into(fd, buf, size, offset):
     view = memoryview(buf)
     got = 0
     while got < size:
-        n = os.preadv(fd, [view[got:size]], offset + got)
+        if _HAVE_PREADV:
+            n = os.preadv(fd, [view[got:size]], offset + got)
+        else:
+            data = os.pread(fd, size - got, offset + got)
+            n = len(data)
+            view[got:got + n] = data
         if n <= 0:
             break
         got += n
     return got
+
+
+_HAVE_PREADV = hasattr(os, "preadv")
 
 
 class SequentialRecordDataset(_Augmented, IterableDataset):
@@ -547,7 +555,7 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
                         lo = base - base % gran
                         try:
                             mapped = mmap.mmap(fd, base + size - lo, prot=mmap.PROT_READ, offset=lo)
-                        except (OSError, ValueError):  # a file system without mmap: read instead
+                        except (OSError, ValueError, TypeError):  # no mmap here (file system or OS): read
                             use_mmap = False
                         else:
                             if not _resident(mapped):  # on disk: page faults would read 128 KiB at a time

@@ -193,3 +193,14 @@ def test_empty_payload_is_a_corrupt_image(tmp_path):
     w.close()
     with pytest.raises(CorruptImageError, match=r"record key 0 .*\(0 bytes\)"):
         IndexedRecordDataset(os.path.join(folder, "train.rec"))[0]
+
+
+def test_block_reads_without_preadv(mixed, monkeypatch):
+    from partialfc.data import datasets
+    monkeypatch.setattr(datasets, "_HAVE_PREADV", False)
+    folder, _ = mixed
+    rec_path = os.path.join(folder, "train.rec")
+    seq = SequentialRecordDataset(rec_path, batch_size=4, shuffle_buffer=8, seed=1, chunk_records=9)
+    reader = recordio.MXIndexedRecordIO(os.path.join(folder, "train.idx"), rec_path, "r")
+    for i, _, rec in seq._records(seq.plan(0, 0, 1), read_window=3000, use_mmap=False):
+        assert bytes(rec) == reader.read_idx(i)

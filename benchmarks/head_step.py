@@ -11,12 +11,14 @@ For each class count it runs, each in its own subprocess (so that peak memory is
                  table gets a dense gradient), torch.optim.SGD with momentum over the whole table
   (d) gemm       the floor: the step's three GEMMs alone ([B,D]x[D,S], [B,S]x[S,D], [S,B]x[B,D]) into
                  preallocated outputs
-and prints the median step time, the ratios (c)/(a) and (a)/(d), and each variant's peak memory above what
+and prints the median step time, the ratios (c)/(a) and (a)/(d) (of the medians, and the median of the ratios
+of back-to-back steps), and each variant's peak memory above what
 it held before its first step (CPU: the growth of the process's peak RSS, from getrusage; GPU:
 torch.cuda.max_memory_allocated). Step times come from one process that runs one step of each variant in
 turn (the variants share the class-center table there, to fit in memory), so that other jobs on a shared
 machine slow every variant alike; peak memory comes from a separate short run of each variant alone,
-whose own median ("alone") is printed too.
+whose own median ("alone") is printed too. In the shared process the dense baseline trains the head's
+table, which the head allocates on huge pages; alone, it allocates its own table with torch.normal.
 """
 import argparse
 import json
@@ -171,7 +173,11 @@ def _interleaved(args):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     shared = {}
     steps = {v: _build(torch, v, args, device, shared) for v in args.variants}
-    times = {v: [] for v in args.variants}
+    # One step of each in this order: fused runs right after the GEMM floor and right before the dense
+    # baseline, so that each ratio pairs steps taken seconds apart (see _paired).
+    order = sorted(steps, key=lambda v: ("gemm", "fused", "dense", "reference").index(v))
+    steps = {v: steps[v] for v in order}
+    times = {v: [] for v in order}
     for i in range(args.warmup + args.steps):
         x, y = batches[i % len(batches)]
         for v, step in steps.items():
@@ -182,7 +188,13 @@ def _interleaved(args):
             sync()
             if i >= args.warmup:
                 times[v].append(time.perf_counter() - start)
-    print(json.dumps({v: statistics.median(t) for v, t in times.items()}))
+    print(json.dumps(dict(median={v: statistics.median(t) for v, t in times.items()}, times=times)))
+
+
+def _paired(times, num, den):
+    """Median over steps of num_i / den_i: the two steps of a pair ran back to back, so a change of the
+    machine's load between pairs (other jobs) cancels out of each ratio."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def _subprocess(args, mode, classes, steps):
@@ -193,8 +205,9 @@ def _subprocess(args, mode, classes, steps):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # Same environment for every variant. On a machine shared with other jobs, OpenMP threads that spin at
     # barriers steal the core from a descheduled peer; passive waiting avoids that (an explicit
-    # OMP_WAIT_POLICY wins). --thp lets torch's CPU allocator back large tensors with transparent huge
-    # pages, which cuts the TLB misses of gathering scattered rows from a multi-GB table.
+    # OMP_WAIT_POLICY wins). The head puts its table, momentum and workspace on transparent huge pages by
+    # itself (partialfc.ops.empty_huge); --thp lets torch's CPU allocator do so for every large tensor of
+    # every variant (the dense baseline's own table, gradient and momentum included).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.thp:
         env["THP_MEM_ALLOC_ENABLE"] = "1"
@@ -216,7 +229,8 @@ def main(argv=None):
     parser.add_argument("--memory-steps", type=int, default=3, help="steps of each variant's memory run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 for every variant (CPU)")
+    parser.add_argument("--thp", action="store_true",
+                        help="THP_MEM_ALLOC_ENABLE=1 for every variant (CPU): huge pages for all large torch tensors")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", choices=VARIANTS + ("interleaved",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -233,24 +247,27 @@ def main(argv=None):
     results = []
     for classes in classes_list:
         # Timing: all variants in one process, one step of each in turn (see _interleaved).
-        medians = _subprocess(args, "interleaved", classes, args.steps)
+        interleaved = _subprocess(args, "interleaved", classes, args.steps)
+        medians, times = interleaved["median"], interleaved["times"]
         # Memory: each variant alone in its own process (a few steps).
         row = {}
         for v in args.variants:
             row[v] = _subprocess(args, v, classes, args.memory_steps)
             row[v]["median_s"] = medians[v]
+        for v in row:
+            row[v]["times_s"] = times[v]
         results.extend(row.values())
         print(f"\n{classes:,} classes (S = {int(args.rate * classes):,} sampled)")
         print(f"  {'variant':<10} {'median ms':>10} {'alone ms':>9} {'peak extra MiB':>15}")
         for v, r in row.items():
             print(f"  {v:<10} {r['median_s'] * 1e3:>10.1f} {r['alone_median_s'] * 1e3:>9.1f} "
                   f"{r['peak_extra_bytes'] / 2 ** 20:>15.0f}")
-        if "fused" in row and "dense" in row:
-            print(f"  dense / fused      = {row['dense']['median_s'] / row['fused']['median_s']:.2f}x")
-        if "fused" in row and "reference" in row:
-            print(f"  reference / fused  = {row['reference']['median_s'] / row['fused']['median_s']:.2f}x")
-        if "fused" in row and "gemm" in row:
-            print(f"  fused / gemm floor = {row['fused']['median_s'] / row['gemm']['median_s']:.2f}x")
+        # Ratio of the medians, and the median of the per-step ratios of back-to-back steps (paired).
+        for num, den, name in (("dense", "fused", "dense / fused     "), ("reference", "fused", "reference / fused "),
+                               ("fused", "gemm", "fused / gemm floor")):
+            if num in row and den in row:
+                print(f"  {name} = {row[num]['median_s'] / row[den]['median_s']:.2f}x "
+                      f"(paired {_paired(times, num, den):.2f}x)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=args.device, batch=args.batch, dim=args.dim, rate=args.rate, results=results), f,

@@ -288,9 +288,7 @@ class Trainer:
         # Non-finite gradients anywhere (fp16 overflow, a bad batch) skip the step on every rank together.
         max_norm = self.config.clip_grad_norm or math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), max_norm)
-        head_grad = self.pfc.sampled_rows.grad if self.pfc.sampled_rows is not None else None
-        bad = not (math.isfinite(float(norm)) and math.isfinite(total)
-                   and (head_grad is None or bool(torch.isfinite(head_grad).all())))
+        bad = not (math.isfinite(float(norm)) and math.isfinite(total) and self.pfc.center_grad_is_finite())
         bad = bool(self.comm.allreduce(torch.tensor([float(bad)]), "max").item())  # Horovod: agree on skipping
         if bad:
             self._skip_step(total)

@@ -280,6 +280,15 @@ class PartialFC(nn.Module):
         self._materialize_grad()
         return None
 
+    def center_grad_is_finite(self):
+        """Whether this step's gradient of the sampled rows is finite, checked without materializing a
+        deferred one (so the optimizer step keeps its fused update)."""
+        pending = self._pending_grad
+        if pending is not None:
+            return bool(torch.isfinite(pending.grad_centers).all())
+        rows = self._sampled_rows
+        return rows is None or rows.grad is None or bool(torch.isfinite(rows.grad).all())
+
     def _clear_grad(self):
         """Drop this step's gradient of the sampled rows (deferred or materialized)."""
         self._pending_grad = None

@@ -65,9 +65,17 @@ def sample_classes_ref(labels, class_start, num_local, num_sample, generator=Non
         shift = positives - torch.arange(positives.numel(), device=device)
         negatives = ranks + torch.searchsorted(shift, ranks, right=True)
         index = torch.sort(torch.cat([positives, negatives])).values
+    return index, remap_labels(labels, class_start, num_local, index)
+
+
+def remap_labels(labels, class_start, num_local, index):
+    """Position of each global label in the sorted local ``index`` ``[S]`` (which holds every local
+    positive), or -1 for labels that live on another rank."""
+    local = labels - class_start
+    is_local = (local >= 0) & (local < num_local)
     remapped = torch.full_like(labels, -1)
     remapped[is_local] = torch.searchsorted(index, local[is_local])
-    return index, remapped
+    return remapped
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -324,13 +324,6 @@ class PartialFC(nn.Module):
         """``(index [S], target [B])`` for the global labels; see ``ops.sample_classes_ref``."""
         return self._ops.sample_classes(labels, self.class_start, self.num_local, self.num_sample, self.sampler)
 
-    def _remap(self, labels, index):
-        local = labels - self.class_start
-        target = torch.full_like(labels, -1)
-        is_local = (local >= 0) & (local < self.num_local)
-        target[is_local] = torch.searchsorted(index, local[is_local])
-        return target
-
     def hold_sample(self, local_labels_list):
         """Sample once for several micro-batches (a list of their local label tensors), and reuse that sample
         in each forward until ``hold_sample(None)``; the centers' gradients then accumulate in
@@ -358,7 +351,8 @@ class PartialFC(nn.Module):
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
         if self.holding_sample:
             # Micro-batches of one optimizer step share the sample and the stand-in, so gradients add up.
-            index, target = self.sampled_index, self._remap(labels, self.sampled_index)
+            index, target = self.sampled_index, ops.remap_labels(labels, self.class_start, self.num_local,
+                                                                    self.sampled_index)
         else:
             index, target = self.sample(labels)  # [S], [B]
             self._start_sample(index)

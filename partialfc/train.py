@@ -9,6 +9,7 @@ summed); the class centers are model parallel: each rank owns a contiguous shard
 updates, never broadcast nor allreduced.
 """
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -271,7 +272,7 @@ class Trainer:
         total = 0.0
         for i, (images, labels) in enumerate(micro_batches):
             sync = i == acc - 1
-            with self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else _nullcontext():
+            with self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext():
                 with torch.autocast(**amp):
                     embeddings = self.model(images)                 # [b, D]
                     loss = self.pfc(embeddings, labels) / acc       # global-batch mean, same on every rank
@@ -401,14 +402,6 @@ class Trainer:
             checkpoint.write_json_atomic(self.config, os.path.join(self.output, "config.json"))
             self.log(f"saved {os.path.join(self.output, 'model.pt')}")
         self.comm.barrier()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None):

@@ -220,7 +220,8 @@ class Trainer:
         return self.comm.data_parallel(self.backbone, optimizer, config.gradient_acc)
 
     def _setup_logging(self):
-        self.logger = logging.getLogger("partialfc")
+        # Its own name, not the package root: turning off propagation here must not mute the library loggers.
+        self.logger = logging.getLogger("partialfc.train")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
         for handler in list(self.logger.handlers):  # a previous Trainer in this process had its own output

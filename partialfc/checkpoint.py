@@ -23,22 +23,23 @@ MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def save_atomic(obj, path):
+def write_atomic(path, write, mode="wb"):
+    """``write(file)`` into a temporary name, fsync, then rename over ``path``: readers see the old file or
+    the whole new one, never a part."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_json_atomic(obj, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
 
 
 def step_dir(output, step):

@@ -52,9 +52,12 @@ class Communicator:
 
     def reduce_scatter(self, tensor):
         """Sum over ranks, then this rank's equal ``size``-th slice of dim 0."""
+        self._check_scatter(tensor)
+        return self.allreduce(tensor, "sum").chunk(self.size)[self.rank].contiguous()
+
+    def _check_scatter(self, tensor):
         if tensor.shape[0] % self.size:
             raise ValueError(f"reduce_scatter needs dim 0 ({tensor.shape[0]}) divisible by world size {self.size}")
-        return self.allreduce(tensor, "sum").chunk(self.size)[self.rank].contiguous()
 
     def broadcast(self, tensor, root=0):
         return tensor.clone()
@@ -102,8 +105,7 @@ class HorovodComm(Communicator):
         return self.hvd.allreduce(tensor.contiguous(), op=ops[op])
 
     def reduce_scatter(self, tensor):
-        if tensor.shape[0] % self.size:
-            raise ValueError(f"reduce_scatter needs dim 0 ({tensor.shape[0]}) divisible by world size {self.size}")
+        self._check_scatter(tensor)
         return self.hvd.reducescatter(tensor.contiguous(), op=self.hvd.Sum)
 
     def broadcast(self, tensor, root=0):
@@ -184,10 +186,9 @@ class TorchDistComm(Communicator):
         return out
 
     def reduce_scatter(self, tensor):
-        if tensor.shape[0] % self.size:
-            raise ValueError(f"reduce_scatter needs dim 0 ({tensor.shape[0]}) divisible by world size {self.size}")
         if not self._nccl:  # Gloo has no reduce_scatter
             return super().reduce_scatter(tensor)
+        self._check_scatter(tensor)
         out = tensor.new_empty((tensor.shape[0] // self.size,) + tuple(tensor.shape[1:]))
         dist.reduce_scatter_tensor(out, tensor.contiguous())
         return out

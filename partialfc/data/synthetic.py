@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checkpoint import write_atomic
 from .transforms import flip_bit
 
 SIZE = 112
@@ -149,13 +150,6 @@ def _progress(total, desc):
     return tqdm(total=total, desc=desc, unit="img", mininterval=1.0)
 
 
-def _write_atomic(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def _generate(root, p):
     os.makedirs(root, exist_ok=True)
     paths = _paths(root)
@@ -194,10 +188,10 @@ def _generate(root, p):
             bins.append(buf.tobytes())
         issame.append(same)
 
-    _write_atomic(paths["train_labels"], lambda f: np.save(f, labels))
-    _write_atomic(paths["val_bin"], lambda f: pickle.dump((bins, issame), f, protocol=4))
+    write_atomic(paths["train_labels"], lambda f: np.save(f, labels))
+    write_atomic(paths["val_bin"], lambda f: pickle.dump((bins, issame), f, protocol=4))
     # The image array goes last: its presence marks a complete cache.
-    _write_atomic(paths["train_images"], lambda f: np.save(f, images))
+    write_atomic(paths["train_images"], lambda f: np.save(f, images))
 
 
 def ensure_synthetic(config):

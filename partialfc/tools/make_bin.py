@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from partialfc.checkpoint import write_atomic
 from partialfc.tools import ToolError, run_cli
 
 SIZE = 112
@@ -97,10 +98,7 @@ def make_bin(pairs, out_path, landmarks=None, quality=95, num_workers=None, prog
             raise ToolError(err)
         bins.append(buf)
     issame = [bool(s) for _, _, s in pairs]
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump((bins, issame), f, protocol=4)
-    os.replace(tmp, out_path)
+    write_atomic(out_path, lambda f: pickle.dump((bins, issame), f, protocol=4))
     return dict(pairs=len(pairs), same=sum(issame), aligned=sum(t[1] is not None for t in tasks))
 
 

@@ -1,4 +1,4 @@
-// The partialfc extension module: defines the `partialfc` op namespace and a minimal Python module so that
+// The partialfc extension module: defines the `partialfc` op namespace and a small Python module so that
 // `import partialfc._C` loads every op registered in csrc/ops/ (schemas) and csrc/ops/{cpu,cuda}/ (kernels).
 #include <Python.h>
 #include <torch/library.h>
@@ -14,8 +14,13 @@ static const int kWithCuda = 1;
 static const int kWithCuda = 0;
 #endif
 
+namespace partialfc {
+extern PyMethodDef image_fastpath_methods[];  // csrc/image_fastpath.cpp
+}
+
 static struct PyModuleDef partialfc_module = {
-    PyModuleDef_HEAD_INIT, "_C", "Fused Partial FC kernels; the ops live in torch.ops.partialfc.", -1, nullptr};
+    PyModuleDef_HEAD_INIT, "_C", "Fused Partial FC kernels; the ops live in torch.ops.partialfc.", -1,
+    partialfc::image_fastpath_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&partialfc_module);

@@ -166,3 +166,54 @@ def test_disable_env_selects_numpy():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.stdout.split()[0] == "True" and "torch.Size([3, 112, 112])" in out.stdout
+
+
+def _decoded_entry():
+    from partialfc import _ext
+    return getattr(_ext._C, "decoded_image_to_tensor")
+
+
+@pytest.mark.parametrize("shape", [(112, 112), (1, 1), (5, 8), (7, 33), (0, 4)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_loader_entry_point_equals_the_op_bit_for_bit(shape, flip):
+    fast = _decoded_entry()
+    img = image(*shape, seed=shape[0] * 31 + shape[1])
+    out = fast(img, flip)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) == (3,) + shape
+    assert out.is_contiguous() and not out.requires_grad
+    np.testing.assert_array_equal(bits(out.numpy()), bits(reference(img, flip)))
+    np.testing.assert_array_equal(bits(out.numpy()), bits(op(torch.from_numpy(img), flip).numpy()))
+    # any buffer-protocol object and any truthy flag work; the input is only read
+    before = img.copy()
+    np.testing.assert_array_equal(fast(memoryview(img), 1 if flip else 0).numpy(), out.numpy())
+    np.testing.assert_array_equal(img, before)
+
+
+def test_loader_entry_point_rejects_what_the_kernel_cannot_read():
+    fast = _decoded_entry()
+    img = image(6, 10)
+    with pytest.raises(TypeError, match="must be uint8"):
+        fast(img.astype(np.float32), False)
+    with pytest.raises(ValueError, match=r"must be \[H, W, 3\].*got 2 dimensions"):
+        fast(img[:, :, 0].copy(), False)
+    with pytest.raises(ValueError, match=r"must be \[H, W, 3\]"):
+        fast(np.zeros((6, 10, 4), np.uint8), False)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fast(img[:, ::-1], False)
+    with pytest.raises(TypeError):
+        fast("not an image", False)
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        fast(img)
+    ro = img.copy()
+    ro.flags.writeable = False  # read-only input is fine
+    np.testing.assert_array_equal(fast(ro, True).numpy(), reference(img, True))
+
+
+def test_datasets_per_sample_path_uses_the_entry_point(monkeypatch):
+    transforms.compiled_to_tensor()
+    assert transforms._decoded_op is _decoded_entry()
+    calls = []
+    monkeypatch.setattr(transforms, "_decoded_op", lambda img, flip: calls.append(flip) or "converted")
+    assert transforms.decoded_to_tensor(image(112, 112), True) == "converted" and calls == [True]
+    # other sizes take the resizing path
+    assert tuple(transforms.decoded_to_tensor(image(50, 60), False).shape) == (3, 112, 112) and calls == [True]

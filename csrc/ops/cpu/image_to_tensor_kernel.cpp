@@ -12,6 +12,8 @@
 // one rounding, and since d / 127.5 is never close to halfway between two floats (it is n / 255 for an odd n)
 // that rounding gives the correctly rounded quotient for each of the 256 inputs, as the division does
 // (tests/data/test_image_to_tensor.py checks every value against numpy's division).
+#include "image_to_tensor_kernel.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -127,17 +129,7 @@ void convert(const at::Tensor& image, bool flip, at::Tensor& out) {
   const int64_t h = image.size(0), w = image.size(1);
   if (h == 0 || w == 0) return;
   const at::Tensor src = image.contiguous();
-  const uint8_t* img = src.const_data_ptr<uint8_t>();
-  float* o = out.mutable_data_ptr<float>();
-#if PARTIALFC_ITT_X86
-  if (has_avx2()) {
-    convert_avx2(img, o, h, w, flip);
-    return;
-  }
-#endif
-  const int64_t plane = h * w;
-  for (int64_t y = 0; y < h; ++y)
-    convert_span_table(img + y * w * 3, o + y * w, o + plane + y * w, o + 2 * plane + y * w, 0, w, w, flip);
+  convert_image(src.const_data_ptr<uint8_t>(), out.mutable_data_ptr<float>(), h, w, flip);
 }
 
 at::Tensor image_to_tensor_cpu(const at::Tensor& image, bool flip) {
@@ -160,6 +152,19 @@ void image_to_tensor_out_cpu(const at::Tensor& image, bool flip, at::Tensor& out
 }
 
 }  // namespace
+
+void convert_image(const uint8_t* image, float* out, int64_t h, int64_t w, bool flip) {
+#if PARTIALFC_ITT_X86
+  if (has_avx2()) {
+    convert_avx2(image, out, h, w, flip);
+    return;
+  }
+#endif
+  const int64_t plane = h * w;
+  for (int64_t y = 0; y < h; ++y)
+    convert_span_table(image + y * w * 3, out + y * w, out + plane + y * w, out + 2 * plane + y * w, 0, w, w, flip);
+}
+
 }  // namespace partialfc
 
 TORCH_LIBRARY_IMPL(partialfc, CPU, m) {

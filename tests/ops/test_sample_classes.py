@@ -29,8 +29,11 @@ def check_contract(labels, class_start, num_local, num_sample, index, remapped):
     assert torch.equal(index[remapped[is_local]], local[is_local])
 
 
+# (1000, 100) and (100000, 10000): sparse regime on a bitmap (num_local <= 64 S); (100000, 1000): sparse regime
+# on a hash set; (1000, 600): dense regime (complement).
 @pytest.mark.parametrize("num_local,num_sample,batch", [(1000, 100, 32), (1000, 600, 32), (50, 10, 64),
-                                                        (100000, 10000, 128), (10, 10, 8), (10, 50, 8)])
+                                                        (100000, 10000, 128), (100000, 1000, 128), (10, 10, 8),
+                                                        (10, 50, 8)])
 def test_contract(device, num_local, num_sample, batch):
     g = torch.Generator().manual_seed(num_local + batch)
     class_start = 500
@@ -72,10 +75,11 @@ def test_deterministic_per_seed(device):
     assert not torch.equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("num_sample", [40, 150])  # sparse (rejection) and dense (complement) regimes
-def test_negatives_uniform(device, num_sample):
+# sparse regime with a bitmap (200, 40) and with a hash set (1000, 12: num_local > 64 S), dense regime (200, 150)
+@pytest.mark.parametrize("num_local,num_sample", [(200, 40), (1000, 12), (200, 150)])
+def test_negatives_uniform(device, num_local, num_sample):
     """Chi-square test: every non-positive class is drawn equally often."""
-    num_local, trials = 200, 1500
+    trials = 1500
     labels = torch.tensor([3, 50, 51, 199, 3], device=device)
     positives = {3, 50, 51, 199}
     counts = torch.zeros(num_local, dtype=torch.float64)

@@ -1,5 +1,5 @@
-// CPU class sampler: expected O(S + B) work (hash sets, rejection draws, a bucket pass), never a sort or a
-// top-k over num_local. Sequential and seeded, so the result depends only on the inputs and the seed.
+// CPU class sampler: expected O(S + B) work (hash sets or a bitmap of at most 64 S bits, rejection draws, a
+// bucket pass), never a sort or a top-k over num_local. Sequential and seeded, so the result depends only on the inputs and the seed.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
@@ -129,6 +129,25 @@ std::tuple<at::Tensor, at::Tensor> sample_classes_cpu(const at::Tensor& labels, 
   chosen.reserve(total);
   if (num_neg == 0) {
     chosen = positives;
+  } else if (2 * num_neg <= available && num_local <= 64 * total) {
+    // Sparse regime with a table small against S (sample_rate >= 1/64): the same rejection draws as below,
+    // on a bitmap of num_local bits (128 KiB at 1M classes, cache-resident) instead of a hash set; the
+    // sorted index is then read off the bitmap, num_local / 64 words <= S. Same draws, same result.
+    std::vector<uint64_t> taken((num_local + 63) / 64, 0);
+    for (int64_t p : positives) taken[p >> 6] |= uint64_t(1) << (p & 63);
+    int64_t drawn = 0;
+    while (drawn < num_neg) {
+      const int64_t v = static_cast<int64_t>(rng.below(static_cast<uint64_t>(num_local)));
+      uint64_t& word = taken[v >> 6];
+      const uint64_t bit = uint64_t(1) << (v & 63);
+      if (!(word & bit)) {
+        word |= bit;
+        ++drawn;
+      }
+    }
+    for (int64_t k = 0; k < static_cast<int64_t>(taken.size()); ++k) {
+      for (uint64_t word = taken[k]; word != 0; word &= word - 1) chosen.push_back(64 * k + __builtin_ctzll(word));
+    }
   } else if (2 * num_neg <= available) {
     // Sparse regime: rejection draws; each draw is accepted with probability >= 1/2, so O(S) expected.
     IntSet taken(total);

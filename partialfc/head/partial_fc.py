@@ -120,6 +120,29 @@ class _PendingRowGrad:
         return rows
 
 
+def logits_class_major(device):
+    """Whether the fused path holds its logits class by class ([S, B] row-major, handed to the ops as the
+    [B, S] transpose): on CPU, where MKL runs the forward GEMM into that layout (centers @ features^T) 12-14%
+    faster than features @ centers^T into [B, S]; the margin-softmax kernels have a class-major variant."""
+    return torch.device(device).type == "cpu"
+
+
+def _logits_buffer(ws, name, batch, num_sample, dtype, device):
+    """A reused [B, S] logits buffer in the fused path's layout (see ``logits_class_major``)."""
+    if logits_class_major(device):
+        return ws.get(name, (num_sample, batch), dtype, device).t()
+    return ws.get(name, (batch, num_sample), dtype, device)
+
+
+def _mm_into(a, b, out):
+    """``out = a @ b`` for an ``out`` that may be the transpose of a contiguous buffer: then the GEMM writes
+    ``out^T = b^T @ a^T`` straight into that buffer."""
+    if out.is_contiguous():
+        return torch.mm(a, b, out=out)
+    torch.mm(b.t(), a.t(), out=out.t())
+    return out
+
+
 class _FusedMarginSoftmaxLoss(torch.autograd.Function):
     """The head's step on the compiled kernels: gather-normalize, GEMM, margin softmax and their backward.
 
@@ -137,13 +160,12 @@ class _FusedMarginSoftmaxLoss(torch.autograd.Function):
             centers = ws.get("centers", (num_sample, dim), compute_dtype, device)
             inv_norm = ws.get("inv_norm", (num_sample,), acc_dtype, device)
             torch.ops.partialfc.gather_normalize_out(weight, index, centers, inv_norm)
-            logits = ws.get("logits", (batch, num_sample), acc_dtype, device)
+            logits = _logits_buffer(ws, "logits", batch, num_sample, acc_dtype, device)  # [B, S]
             if compute_dtype == acc_dtype:
-                torch.mm(features, centers.t(), out=logits)
+                _mm_into(features, centers.t(), logits)
             else:
-                low = ws.get("logits_lowp", (batch, num_sample), compute_dtype, device)
-                torch.mm(features, centers.t(), out=low)
-                logits.copy_(low)
+                low = _logits_buffer(ws, "logits_lowp", batch, num_sample, compute_dtype, device)
+                logits.copy_(_mm_into(features, centers.t(), low))
             s, m1, m2, m3 = head.margin
             row_max, sum_exp, target_logit, target_cos = torch.ops.partialfc.margin_softmax_forward(
                 logits, target, s, m1, m2, m3, head.interclass_filtering_threshold)
@@ -175,14 +197,14 @@ class _FusedMarginSoftmaxLoss(torch.autograd.Function):
                                                         head.interclass_filtering_threshold)
             grad_logits = logits
             if compute_dtype != acc_dtype:
-                grad_logits = ws.get("logits_lowp", logits.shape, compute_dtype, device).copy_(logits)
+                grad_logits = _logits_buffer(ws, "logits_lowp", *logits.shape, compute_dtype, device).copy_(logits)
             grad_features = torch.mm(grad_logits, centers) if ctx.needs_input_grad[0] else None
             if ctx.needs_input_grad[1]:
                 # The gradient of the normalized centers [S, D]; in the acc dtype it lands in the rows buffer.
                 grad_centers = ws.get("grad_rows", (num_sample, dim), acc_dtype, device)
                 if compute_dtype != acc_dtype:
                     grad_centers = ws.get("grad_centers_lowp", (num_sample, dim), compute_dtype, device)
-                torch.mm(grad_logits.t(), features, out=grad_centers)
+                torch.mm(grad_logits.t(), features, out=grad_centers)  # class-major: grad_logits.t() is contiguous
                 pending = _PendingRowGrad(grad_centers, centers, inv_norm, ws.generation)
                 if head._can_defer(ctx.sink):
                     # SparseSGD.step folds the normalize backward into the update (or sampled_rows

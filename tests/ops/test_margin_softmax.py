@@ -24,8 +24,26 @@ def make(batch, num_sample, dtype, device, seed=0, local_fraction=0.7):
     return cosines.to(dtype).to(device), labels.to(device)
 
 
+def class_major(t):
+    """The same values as ``t`` [B, S] held class by class: the transpose of a contiguous [S, B] buffer, the
+    layout of the fused head's logits on CPU."""
+    view = t.t().clone(memory_format=torch.contiguous_format).t()  # always a copy
+    assert view.stride() == (1, t.shape[0])
+    return view
+
+
+def copy_layout(t):
+    """A copy of ``t`` in the same layout (contiguous, class-major or strided); ``clone`` would make a strided
+    view contiguous."""
+    if t.is_contiguous():
+        return t.clone()
+    if t.dim() == 2 and t.stride() == (1, t.shape[0]):
+        return class_major(t)
+    return noncontiguous_like(t)
+
+
 def run_forward(fn, logits, labels, margin, threshold):
-    out = logits.clone()
+    out = copy_layout(logits)
     stats = fn(out, labels, *margin, threshold)
     return out, stats
 
@@ -33,15 +51,18 @@ def run_forward(fn, logits, labels, margin, threshold):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("margin", list(MARGINS))
 @pytest.mark.parametrize("threshold", [0.0, 0.5])
-@pytest.mark.parametrize("contiguous", [True, False])
-def test_forward_backward_match_reference(device, dtype, margin, threshold, contiguous):
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "class_major"])
+def test_forward_backward_match_reference(device, dtype, margin, threshold, layout):
     margin = MARGINS[margin]
     cosines, labels = make(24, 67, dtype, device)
     if threshold:
         cosines[0, 5] = 0.0  # an exact zero that the backward must treat like the reference does
-    if not contiguous:
+    if layout == "strided":
         cosines = noncontiguous_like(cosines)
+    elif layout == "class_major":
+        cosines = class_major(cosines)
     out, stats = run_forward(ops.margin_softmax_forward, cosines, labels, margin, threshold)
+    assert out.stride() == cosines.stride()  # the layout's kernel ran
     # Half-precision storage: the reference runs in float32 on the same values (in float16 itself, its
     # 1e-12 clamp of sin^2 underflows to 0 and a target cosine of exactly 1 gives 0/0).
     ref_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -57,12 +78,56 @@ def test_forward_backward_match_reference(device, dtype, margin, threshold, cont
     # Backward on the reference's forward output with global statistics = local ones (one rank).
     row_max, sum_exp, _, target_cos = ref_stats
     grad_scale = 1.0 / labels.numel()
-    grad = ref_out.clone()
+    grad = copy_layout(cosines).copy_(ref_out)  # the reference's values in the layout under test
     ops.margin_softmax_backward(grad, labels, row_max, sum_exp, target_cos, *margin, grad_scale, threshold)
+    assert grad.stride() == cosines.stride()
     ref_grad = margin_softmax_backward_ref(ref_out.to(ref_dtype), labels, row_max.to(ref_dtype),
                                            sum_exp.to(ref_dtype), target_cos.to(ref_dtype), *margin, grad_scale,
                                            threshold).to(dtype)
     torch.testing.assert_close(grad, ref_grad, atol=atol * 10, rtol=rtol * 4)
+
+
+@pytest.mark.parametrize("batch", [13, 128])
+@pytest.mark.parametrize("threshold", [0.0, 0.4])
+def test_class_major_equals_row_major_over_many_blocks(batch, threshold):
+    """The class-major kernels (blocks of class rows, per-sample statistics combined across blocks) give the
+    row-major kernels' results; 9000 classes span several blocks, a batch of 13 leaves a partial vector."""
+    margin = MARGINS["arcface"]
+    cosines, labels = make(batch, 9000, torch.float32, "cpu", seed=batch)
+    # make() puts targets at the clamp (|cos| ~ 1), where float32 (p - 1) * dm/dcos cancels to 0 in either
+    # layout; here the float64 reference is compared too, so keep them inside
+    cosines[cosines.abs() > 0.95] = 0.3
+    labels[0], labels[1], labels[2] = 0, 8999, 5041  # first and last class, a block boundary for batch 13
+    if threshold:
+        cosines[3, 17] = 0.0
+    rows_out, rows_stats = run_forward(ops.margin_softmax_forward, cosines, labels, margin, threshold)
+    cols_out, cols_stats = run_forward(ops.margin_softmax_forward, class_major(cosines), labels, margin, threshold)
+    torch.testing.assert_close(cols_out, rows_out, atol=0, rtol=0)  # elementwise: the same float operations
+    for name, a, b in zip(("row_max", "sum_exp", "target_logit", "target_cos"), cols_stats, rows_stats):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)  # sums in another order
+    ref_out, ref_stats = run_forward(margin_softmax_forward_ref, cosines.double(), labels, margin, threshold)
+    torch.testing.assert_close(cols_stats[1].double(), ref_stats[1], rtol=1e-5, atol=0)
+    row_max, sum_exp, _, target_cos = rows_stats
+    grads = []
+    for out in (rows_out, cols_out):
+        grad = out.clone()
+        ops.margin_softmax_backward(grad, labels, row_max, sum_exp, target_cos, *margin, 1.0 / batch, threshold)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-9, rtol=1e-6)
+    ref_grad = margin_softmax_backward_ref(ref_out, labels, *(t.double() for t in (row_max, sum_exp)),
+                                           target_cos.double(), *margin, 1.0 / batch, threshold)
+    torch.testing.assert_close(grads[1].double(), ref_grad, atol=1e-8, rtol=1e-5)
+
+
+def test_class_major_nan_reaches_the_sum():
+    """A NaN logit is ignored by the max but makes its sample's sum NaN, in both layouts (the trainer then
+    skips the step)."""
+    cosines, labels = make(16, 6000, torch.float32, "cpu", seed=4)
+    cosines[5, 5500] = float("nan")
+    for logits in (cosines.clone(), class_major(cosines)):
+        row_max, sum_exp, _, _ = ops.margin_softmax_forward(logits, labels, *MARGINS["cosface"], 0.0)
+        assert torch.isfinite(row_max).all()
+        assert torch.isnan(sum_exp[5]) and torch.isfinite(sum_exp[torch.arange(16) != 5]).all()
 
 
 def test_degenerate_shapes(device):
@@ -113,6 +178,8 @@ def test_gradcheck_float64(device, margin):
     labels = torch.tensor([0, 3, 10, 5, 7, 2], device=device)  # every row local: no -1 (its grad is exact too)
     scaled = (MARGINS[margin][0] / 16.0,) + MARGINS[margin][1:]  # a smaller scale keeps the softmax smooth
     assert torch.autograd.gradcheck(lambda c: _MarginLoss.apply(c, labels, scaled, 0.0), (cosines,))
+    # the class-major kernels (clone keeps the layout of the input)
+    assert torch.autograd.gradcheck(lambda c: _MarginLoss.apply(class_major(c), labels, scaled, 0.0), (cosines,))
 
 
 def test_bad_input_messages():
@@ -123,8 +190,11 @@ def test_bad_input_messages():
         ops.margin_softmax_forward(logits, torch.tensor([0, 1], dtype=torch.int32), 64.0, 1.0, 0.5, 0.0, 0.0)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("layout", ["contiguous", "class_major"])
+def test_opcheck(layout):
     cosines, labels = make(6, 10, torch.float32, "cpu")
+    if layout == "class_major":
+        cosines = class_major(cosines)
     torch.library.opcheck(ops.margin_softmax_forward, (cosines.clone(), labels, 64.0, 1.0, 0.5, 0.0, 0.0))
     logits = cosines.clone()
     row_max, sum_exp, _, target_cos = margin_softmax_forward_ref(logits, labels, 64.0, 1.0, 0.5, 0.0)

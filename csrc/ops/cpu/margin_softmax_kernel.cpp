@@ -7,10 +7,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "../checks.h"
 #include "../margin.h"
@@ -65,6 +67,13 @@ PARTIALFC_INLINE VF exp_vec(VF x) {
 template <typename VF>
 PARTIALFC_INLINE VF load_vec(const float* p) {
   VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename VI>
+PARTIALFC_INLINE VI load_ivec(const int32_t* p) {
+  VI v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
@@ -290,6 +299,275 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
   });
 }
 
+// ---- Class-major logits ----
+// The fused head on CPU keeps its logits as a row-major [S, B] buffer, one row per sampled class, and hands these
+// ops its transpose: a [B, S] view with strides (1, B). The GEMM that fills it, centers @ features^T, runs 12-14%
+// faster (MKL, 2 cores, S = 100K) than features @ centers^T into [B, S]. A sample's logits are then a strided
+// column, so the kernels below walk the buffer one class row at a time with a vector over the batch, in blocks
+// of class rows small enough to stay in the L2 cache for the second (sum-exp) sweep; the blocks' per-sample
+// (max, sum-exp) are then combined like the ranks' are. Per-sample values (target row, target logit, ...) sit in
+// arrays padded to a multiple of the vector width.
+
+bool class_major(const at::Tensor& logits) {
+  return logits.size(0) > 1 && logits.size(1) > 1 && logits.stride(0) == 1 && logits.stride(1) == logits.size(0);
+}
+
+constexpr int64_t kPad = 8;                      // widest vector, in floats
+constexpr int64_t kColumnBlockBytes = 256 << 10;  // class rows per block: about this many bytes
+constexpr int32_t kNoTarget = -2;                 // never a class row; also marks padding lanes
+
+int64_t padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+
+int64_t column_block_rows(int64_t batch, int64_t elem_size) {
+  return std::max<int64_t>(1, kColumnBlockBytes / std::max<int64_t>(1, batch * elem_size));
+}
+
+// The target class row of each sample as int32 (kNoTarget for -1 and for padding), checking the labels.
+std::vector<int32_t> column_targets(const int64_t* labels, int64_t batch, int64_t cols, const char* op) {
+  TORCH_CHECK(cols < std::numeric_limits<int32_t>::max(), op, ": too many classes (", cols, ") for class-major logits");
+  std::vector<int32_t> tgt(padded(batch), kNoTarget);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t t = labels[b];
+    TORCH_CHECK(t >= -1 && t < cols, op, ": labels[", b, "] = ", t, " is outside [-1, ", cols, ")");
+    tgt[b] = t >= 0 ? static_cast<int32_t>(t) : kNoTarget;
+  }
+  return tgt;
+}
+
+// float32 forward over class rows [j0, j1) of `base` (rows of `batch` floats): clamp, filter, margin on the
+// target, scale, store; then the block's per-sample max (NaN ignored) and sum-exp relative to it.
+template <typename VF, typename VI>
+PARTIALFC_INLINE void forward_block_cols_impl(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt,
+                                              const float* tval, float s, bool filter, float thr, float* mx,
+                                              float* sum) {
+  constexpr int lanes = sizeof(VF) / sizeof(float);
+  const VF lo = VF{} - 1.0f, hi = VF{} + 1.0f, zero = VF{};
+  const int64_t full = batch - batch % lanes;
+  for (int64_t k = 0; k < padded(batch); k += lanes) {
+    const VF init = VF{} - std::numeric_limits<float>::infinity();
+    std::memcpy(mx + k, &init, sizeof(init));
+    std::memcpy(sum + k, &zero, sizeof(zero));
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    float* row = base + j * batch;
+    const VI jv = VI{} + static_cast<int32_t>(j);
+    for (int64_t k = 0; k < batch; k += lanes) {
+      VF v = k < full ? load_vec<VF>(row + k) : load_tail<VF>(row + k, batch - k, 0.0f);
+      const VI t = load_ivec<VI>(tgt + k);
+      v = v < lo ? lo : v;
+      v = v > hi ? hi : v;
+      // Inter-class filtering: a non-target class too close to a sample whose target is here gets logit 0.
+      if (filter) v = ((t >= 0) & (v > thr) & (t != jv)) ? zero : v;
+      v = v * s;
+      v = t == jv ? load_vec<VF>(tval + k) : v;
+      if (k < full) {
+        std::memcpy(row + k, &v, sizeof(v));
+      } else {
+        for (int64_t i = 0; i < batch - k; ++i) row[k + i] = v[i];
+      }
+      VF m = load_vec<VF>(mx + k);
+      m = v > m ? v : m;
+      std::memcpy(mx + k, &m, sizeof(m));
+    }
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* row = base + j * batch;
+    for (int64_t k = 0; k < batch; k += lanes) {
+      const VF m = load_vec<VF>(mx + k);
+      // padding lanes: 0 - (-inf) would overflow the exp's clamp harmlessly; they are never read
+      const VF v = k < full ? load_vec<VF>(row + k) : load_tail<VF>(row + k, batch - k, 0.0f);
+      const VF acc = load_vec<VF>(sum + k) + exp_vec<VF, VI>(v - m);
+      std::memcpy(sum + k, &acc, sizeof(acc));
+    }
+  }
+}
+
+// float32 backward over class rows [j0, j1): softmax * scale, the target's margin gradient, filtered logits 0.
+template <typename VF, typename VI>
+PARTIALFC_INLINE void backward_block_cols_impl(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt,
+                                               const float* shift, const float* factor, const float* tgrad,
+                                               bool filter) {
+  constexpr int lanes = sizeof(VF) / sizeof(float);
+  const VF zero = VF{};
+  const int64_t full = batch - batch % lanes;
+  for (int64_t j = j0; j < j1; ++j) {
+    float* row = base + j * batch;
+    const VI jv = VI{} + static_cast<int32_t>(j);
+    for (int64_t k = 0; k < batch; k += lanes) {
+      const VF v = k < full ? load_vec<VF>(row + k) : load_tail<VF>(row + k, batch - k, 0.0f);
+      const VI t = load_ivec<VI>(tgt + k);
+      VF e = exp_vec<VF, VI>(v - load_vec<VF>(shift + k)) * load_vec<VF>(factor + k);
+      // With filtering, the dropped logits (exactly 0 after the forward) get no gradient.
+      if (filter) e = ((t >= 0) & (v == zero)) ? zero : e;
+      e = t == jv ? load_vec<VF>(tgrad + k) : e;
+      if (k < full) {
+        std::memcpy(row + k, &e, sizeof(e));
+      } else {
+        for (int64_t i = 0; i < batch - k; ++i) row[k + i] = e[i];
+      }
+    }
+  }
+}
+
+#if PARTIALFC_X86_DISPATCH
+__attribute__((target("avx2,fma"))) void forward_block_cols_avx2(float* base, int64_t batch, int64_t j0, int64_t j1,
+                                                                 const int32_t* tgt, const float* tval, float s,
+                                                                 bool filter, float thr, float* mx, float* sum) {
+  forward_block_cols_impl<vfloat8, vint8>(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);
+}
+__attribute__((target("avx2,fma"))) void backward_block_cols_avx2(float* base, int64_t batch, int64_t j0, int64_t j1,
+                                                                  const int32_t* tgt, const float* shift,
+                                                                  const float* factor, const float* tgrad,
+                                                                  bool filter) {
+  backward_block_cols_impl<vfloat8, vint8>(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
+}
+#endif
+
+void forward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt, const float* tval,
+                            float s, bool filter, float thr, float* mx, float* sum) {
+#if PARTIALFC_X86_DISPATCH
+  if (has_avx2()) return forward_block_cols_avx2(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);
+#endif
+  forward_block_cols_impl<vfloat4, vint4>(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);
+}
+
+void backward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt,
+                             const float* shift, const float* factor, const float* tgrad, bool filter) {
+#if PARTIALFC_X86_DISPATCH
+  if (has_avx2()) return backward_block_cols_avx2(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
+#endif
+  backward_block_cols_impl<vfloat4, vint4>(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
+}
+
+// Other dtypes (float64 for gradcheck, half/bfloat16 logits): the same blocks with scalar loops.
+template <typename scalar_t, typename acc_t>
+void forward_block_cols_scalar(scalar_t* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt,
+                               const acc_t* tval, acc_t s, bool filter, acc_t thr, acc_t* mx, acc_t* sum) {
+  for (int64_t b = 0; b < batch; ++b) {
+    mx[b] = -std::numeric_limits<acc_t>::infinity();
+    sum[b] = 0;
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    scalar_t* row = base + j * batch;
+    for (int64_t b = 0; b < batch; ++b) {
+      acc_t v = clamp_cos(static_cast<acc_t>(row[b]));
+      if (filter && tgt[b] >= 0 && tgt[b] != j && v > thr) v = 0;
+      const scalar_t stored = tgt[b] == j ? static_cast<scalar_t>(tval[b]) : static_cast<scalar_t>(v * s);
+      row[b] = stored;
+      mx[b] = static_cast<acc_t>(stored) > mx[b] ? static_cast<acc_t>(stored) : mx[b];
+    }
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const scalar_t* row = base + j * batch;
+    for (int64_t b = 0; b < batch; ++b) sum[b] += std::exp(static_cast<acc_t>(row[b]) - mx[b]);
+  }
+}
+
+template <typename scalar_t>
+void forward_cols(at::Tensor& logits, const int64_t* labels, const MarginParams& mp, at::Tensor& row_max,
+                  at::Tensor& sum_exp, at::Tensor& target_logit, at::Tensor& target_cos) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = logits.size(0), cols = logits.size(1);
+  scalar_t* base = logits.data_ptr<scalar_t>();
+  const std::vector<int32_t> tgt = column_targets(labels, batch, cols, "margin_softmax_forward");
+  const acc_t s = static_cast<acc_t>(mp.s), thr = static_cast<acc_t>(mp.filter_threshold);
+  const bool plain = mp.plain(), filter = mp.filter_threshold > 0;
+  // The target's cosine and its stored margin logit, per sample (read before anything is rewritten).
+  std::vector<acc_t> tcos(padded(batch), 0), tval(padded(batch), 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    if (tgt[b] < 0) continue;
+    tcos[b] = clamp_cos(static_cast<acc_t>(base[tgt[b] * batch + b]));
+    tval[b] = static_cast<acc_t>(static_cast<scalar_t>(
+        margin_value(tcos[b], static_cast<acc_t>(mp.m1), static_cast<acc_t>(mp.m2), static_cast<acc_t>(mp.m3), plain) *
+        s));
+  }
+  const int64_t block = column_block_rows(batch, sizeof(scalar_t));
+  const int64_t num_blocks = (cols + block - 1) / block, width = padded(batch);
+  std::vector<acc_t> block_max(num_blocks * width), block_sum(num_blocks * width);
+  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t j0 = c * block, j1 = std::min(cols, j0 + block);
+      acc_t* mx = block_max.data() + c * width;
+      acc_t* sum = block_sum.data() + c * width;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        forward_block_cols_f32(base, batch, j0, j1, tgt.data(), tval.data(), s, filter, thr, mx, sum);
+      } else {
+        forward_block_cols_scalar<scalar_t, acc_t>(base, batch, j0, j1, tgt.data(), tval.data(), s, filter, thr, mx,
+                                                   sum);
+      }
+    }
+  });
+  scalar_t* out_max = row_max.data_ptr<scalar_t>();
+  scalar_t* out_sum = sum_exp.data_ptr<scalar_t>();
+  scalar_t* out_tl = target_logit.data_ptr<scalar_t>();
+  scalar_t* out_tc = target_cos.data_ptr<scalar_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t c = 0; c < num_blocks; ++c) mx = block_max[c * width + b] > mx ? block_max[c * width + b] : mx;
+    acc_t sum = 0;
+    for (int64_t c = 0; c < num_blocks; ++c) {
+      const acc_t m = block_max[c * width + b];
+      // a block whose every logit is NaN has max -inf and a NaN sum, which must reach the total
+      sum += m == mx ? block_sum[c * width + b] : block_sum[c * width + b] * std::exp(m - mx);
+    }
+    out_max[b] = static_cast<scalar_t>(mx);
+    out_sum[b] = static_cast<scalar_t>(sum);
+    out_tl[b] = static_cast<scalar_t>(tgt[b] >= 0 ? tval[b] : acc_t(0));
+    out_tc[b] = static_cast<scalar_t>(tcos[b]);
+  }
+}
+
+template <typename scalar_t>
+void backward_cols(at::Tensor& logits, const int64_t* labels, const at::Tensor& gmax, const at::Tensor& gsum,
+                   const at::Tensor& tcos, const MarginParams& mp, double grad_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = logits.size(0), cols = logits.size(1);
+  scalar_t* base = logits.data_ptr<scalar_t>();
+  const std::vector<int32_t> tgt = column_targets(labels, batch, cols, "margin_softmax_backward");
+  const acc_t m1 = static_cast<acc_t>(mp.m1), m2 = static_cast<acc_t>(mp.m2);
+  const acc_t scale = static_cast<acc_t>(mp.s * grad_scale);
+  const bool plain = mp.plain(), filter = mp.filter_threshold > 0;
+  const scalar_t* gm = gmax.const_data_ptr<scalar_t>();
+  const scalar_t* gs = gsum.const_data_ptr<scalar_t>();
+  const scalar_t* tc = tcos.const_data_ptr<scalar_t>();
+  // Per sample: the shift and factor of its softmax, and its target's gradient (from the stored target logit).
+  std::vector<acc_t> shift(padded(batch), 0), inv_sum(padded(batch), 0), factor(padded(batch), 0),
+      tgrad(padded(batch), 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    shift[b] = static_cast<acc_t>(gm[b]);
+    const acc_t denom = static_cast<acc_t>(gs[b]);
+    inv_sum[b] = acc_t(1) / denom;
+    factor[b] = inv_sum[b] * scale;
+    if (tgt[b] >= 0) {
+      const acc_t target_p = std::exp(static_cast<acc_t>(base[tgt[b] * batch + b]) - shift[b]) / denom;
+      tgrad[b] = static_cast<acc_t>(static_cast<scalar_t>(
+          (target_p - 1) * margin_derivative(static_cast<acc_t>(tc[b]), m1, m2, plain) * scale));
+    }
+  }
+  const int64_t block = column_block_rows(batch, sizeof(scalar_t));
+  at::parallel_for(0, (cols + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t j0 = c * block, j1 = std::min(cols, j0 + block);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        backward_block_cols_f32(base, batch, j0, j1, tgt.data(), shift.data(), factor.data(), tgrad.data(), filter);
+      } else {
+        for (int64_t j = j0; j < j1; ++j) {
+          scalar_t* row = base + j * batch;
+          for (int64_t b = 0; b < batch; ++b) {
+            const acc_t l = static_cast<acc_t>(row[b]);
+            if (tgt[b] == j) {
+              row[b] = static_cast<scalar_t>(tgrad[b]);
+            } else {
+              row[b] = (filter && tgt[b] >= 0 && l == 0) ? scalar_t(0)
+                                                         : static_cast<scalar_t>(std::exp(l - shift[b]) * inv_sum[b] * scale);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 void check_logits(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [B, S], got ", logits.sizes());
   TORCH_CHECK(is_float_type(logits.scalar_type()), op, ": logits must be a floating tensor, got ",
@@ -312,7 +590,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
   const at::Tensor lab = labels.contiguous();
   const MarginParams mp{s, m1, m2, m3, filter_threshold};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "margin_softmax_forward", [&] {
-    forward_rows<scalar_t>(logits, lab.const_data_ptr<int64_t>(), mp, row_max, sum_exp, target_logit, target_cos);
+    if (class_major(logits)) {
+      forward_cols<scalar_t>(logits, lab.const_data_ptr<int64_t>(), mp, row_max, sum_exp, target_logit, target_cos);
+    } else {
+      forward_rows<scalar_t>(logits, lab.const_data_ptr<int64_t>(), mp, row_max, sum_exp, target_logit, target_cos);
+    }
   });
   return {row_max, sum_exp, target_logit, target_cos};
 }
@@ -375,7 +657,11 @@ void margin_softmax_backward_cpu(at::Tensor& logits, const at::Tensor& labels, c
   const at::Tensor tc = target_cos.to(dtype).contiguous(), lab = labels.contiguous();
   const MarginParams mp{s, m1, m2, m3, filter_threshold};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_backward", [&] {
-    backward_rows<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, mp, grad_scale);
+    if (class_major(logits)) {
+      backward_cols<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, mp, grad_scale);
+    } else {
+      backward_rows<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, mp, grad_scale);
+    }
   });
 }
 

@@ -46,9 +46,9 @@ class SparseSGD(torch.optim.Optimizer):
         pending = take() if take is not None else None
         if pending is not None:
             # Fused path (CPU kernels): the normalize backward folded into the update, no [S, D] rows written.
-            ops.normalize_backward_sgd_update(group["params"][0], self.momentum_buffer(), self.pfc.sampled_index,
-                                              pending.grad_centers, pending.inv_norm, group["lr"],
-                                              group["momentum"], group["weight_decay"], grad_scale)
+            pending.apply_update(self.pfc._workspace, group["params"][0], self.momentum_buffer(),
+                                 self.pfc.sampled_index, group["lr"], group["momentum"], group["weight_decay"],
+                                 grad_scale)
             return loss
         rows = self.pfc.sampled_rows
         if rows is None or rows.grad is None:

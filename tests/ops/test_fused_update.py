@@ -123,6 +123,35 @@ def test_deferred_update_equals_materialized_update(dtype):
         torch.testing.assert_close(m_fused, m_plain, atol=2e-2 * m_scale, rtol=5e-2)
 
 
+@pytest.mark.parametrize("block_rows", [7, 2048])
+def test_factored_gradient_over_blocks_equals_materialized(monkeypatch, block_rows):
+    """In float32 the deferred gradient is kept as grad_logits^T @ features and formed block by block in the
+    optimizer step; with blocks of 7 rows (120 sampled rows: 18 blocks, the last partial) the weights and
+    momentum equal those of the materialized gradient's plain update."""
+    from partialfc.head import partial_fc
+    monkeypatch.setattr(partial_fc._PendingRowGrad, "BLOCK_ROWS", block_rows)
+    pfc, _ = make_head()
+    (x, y), = batches(1)
+    pfc(x.requires_grad_(), y).backward()
+    pending = pfc._pending_grad
+    assert pending.grad_centers is None and pending.grad_logits is not None  # the factored form
+    w_fused, m_fused, _ = train(False)
+    w_plain, m_plain, _ = train(True)
+    torch.testing.assert_close(w_fused, w_plain, atol=1e-6 * float(w_plain.abs().max()), rtol=1e-5)
+    torch.testing.assert_close(m_fused, m_plain, atol=1e-5 * float(m_plain.abs().max()), rtol=1e-4)
+
+
+def test_factored_gradient_finiteness_check():
+    pfc, _ = make_head()
+    (x, y), = batches(1)
+    pfc(x.requires_grad_(), y).backward()
+    assert pfc._pending_grad.grad_logits is not None
+    assert pfc.center_grad_is_finite() and pfc._pending_grad is not None  # checked without materializing
+    pfc._pending_grad.grad_logits[3, 5] = float("inf")
+    assert not pfc.center_grad_is_finite()
+    assert not torch.isfinite(pfc.sampled_rows.grad).all()  # and the materialized rows agree
+
+
 def test_deferred_update_with_loss_scale():
     w_scaled, m_scaled, _ = train(False, loss_scale=256.0)
     w_plain, m_plain, _ = train(False)

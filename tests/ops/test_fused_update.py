@@ -123,6 +123,13 @@ def test_deferred_update_equals_materialized_update(dtype):
         torch.testing.assert_close(m_fused, m_plain, atol=2e-2 * m_scale, rtol=5e-2)
 
 
+def test_small_products_are_formed_in_the_backward():
+    pfc, _ = make_head()  # 120 x 32 floats: far below MIN_FACTORED_BYTES
+    (x, y), = batches(1)
+    pfc(x.requires_grad_(), y).backward()
+    assert pfc._pending_grad.grad_centers is not None and pfc._pending_grad.grad_logits is None
+
+
 @pytest.mark.parametrize("block_rows", [7, 2048])
 def test_factored_gradient_over_blocks_equals_materialized(monkeypatch, block_rows):
     """In float32 the deferred gradient is kept as grad_logits^T @ features and formed block by block in the
@@ -130,6 +137,7 @@ def test_factored_gradient_over_blocks_equals_materialized(monkeypatch, block_ro
     momentum equal those of the materialized gradient's plain update."""
     from partialfc.head import partial_fc
     monkeypatch.setattr(partial_fc._PendingRowGrad, "BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(partial_fc._PendingRowGrad, "MIN_FACTORED_BYTES", 0)  # factored at any size
     pfc, _ = make_head()
     (x, y), = batches(1)
     pfc(x.requires_grad_(), y).backward()
@@ -141,7 +149,9 @@ def test_factored_gradient_over_blocks_equals_materialized(monkeypatch, block_ro
     torch.testing.assert_close(m_fused, m_plain, atol=1e-5 * float(m_plain.abs().max()), rtol=1e-4)
 
 
-def test_factored_gradient_finiteness_check():
+def test_factored_gradient_finiteness_check(monkeypatch):
+    from partialfc.head import partial_fc
+    monkeypatch.setattr(partial_fc._PendingRowGrad, "MIN_FACTORED_BYTES", 0)
     pfc, _ = make_head()
     (x, y), = batches(1)
     pfc(x.requires_grad_(), y).backward()

@@ -299,6 +299,25 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
   });
 }
 
+// The backward's scalar arguments and per-sample statistics, for either layout.
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t m1, m2, scale;
+  bool plain, filter;
+  const scalar_t *gm, *gs, *tc;  // global max, global sum-exp and target cosine per sample
+  BackwardArgs(const at::Tensor& gmax, const at::Tensor& gsum, const at::Tensor& tcos, const MarginParams& mp,
+               double grad_scale)
+      : m1(static_cast<acc_t>(mp.m1)),
+        m2(static_cast<acc_t>(mp.m2)),
+        scale(static_cast<acc_t>(mp.s * grad_scale)),
+        plain(mp.plain()),
+        filter(mp.filter_threshold > 0),
+        gm(gmax.const_data_ptr<scalar_t>()),
+        gs(gsum.const_data_ptr<scalar_t>()),
+        tc(tcos.const_data_ptr<scalar_t>()) {}
+};
+
 // ---- Class-major logits ----
 // The fused head on CPU keeps its logits as a row-major [S, B] buffer, one row per sampled class, and hands these
 // ops its transpose: a [B, S] view with strides (1, B). The GEMM that fills it, centers @ features^T, runs 12-14%
@@ -524,12 +543,10 @@ void backward_cols(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
   const int64_t batch = logits.size(0), cols = logits.size(1);
   scalar_t* base = logits.data_ptr<scalar_t>();
   const std::vector<int32_t> tgt = column_targets(labels, batch, cols, "margin_softmax_backward");
-  const acc_t m1 = static_cast<acc_t>(mp.m1), m2 = static_cast<acc_t>(mp.m2);
-  const acc_t scale = static_cast<acc_t>(mp.s * grad_scale);
-  const bool plain = mp.plain(), filter = mp.filter_threshold > 0;
-  const scalar_t* gm = gmax.const_data_ptr<scalar_t>();
-  const scalar_t* gs = gsum.const_data_ptr<scalar_t>();
-  const scalar_t* tc = tcos.const_data_ptr<scalar_t>();
+  const BackwardArgs<scalar_t> a(gmax, gsum, tcos, mp, grad_scale);
+  const acc_t m1 = a.m1, m2 = a.m2, scale = a.scale;
+  const bool plain = a.plain, filter = a.filter;
+  const scalar_t *gm = a.gm, *gs = a.gs, *tc = a.tc;
   // Per sample: the shift and factor of its softmax, and its target's gradient (from the stored target logit).
   std::vector<acc_t> shift(padded(batch), 0), inv_sum(padded(batch), 0), factor(padded(batch), 0),
       tgrad(padded(batch), 0);
@@ -604,12 +621,10 @@ void backward_rows(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
                    const at::Tensor& tcos, const MarginParams& mp, double grad_scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = logits.size(0), cols = logits.size(1), cs = logits.stride(1);
-  const acc_t m1 = static_cast<acc_t>(mp.m1), m2 = static_cast<acc_t>(mp.m2);
-  const acc_t scale = static_cast<acc_t>(mp.s * grad_scale);
-  const bool plain = mp.plain(), filter = mp.filter_threshold > 0;
-  const scalar_t* gm = gmax.const_data_ptr<scalar_t>();
-  const scalar_t* gs = gsum.const_data_ptr<scalar_t>();
-  const scalar_t* tc = tcos.const_data_ptr<scalar_t>();
+  const BackwardArgs<scalar_t> a(gmax, gsum, tcos, mp, grad_scale);
+  const acc_t m1 = a.m1, m2 = a.m2, scale = a.scale;
+  const bool plain = a.plain, filter = a.filter;
+  const scalar_t *gm = a.gm, *gs = a.gs, *tc = a.tc;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = row_ptr<scalar_t>(logits, r);

@@ -147,6 +147,10 @@ def test_factored_gradient_over_blocks_equals_materialized(monkeypatch, block_ro
     w_plain, m_plain, _ = train(True)
     torch.testing.assert_close(w_fused, w_plain, atol=1e-6 * float(w_plain.abs().max()), rtol=1e-5)
     torch.testing.assert_close(m_fused, m_plain, atol=1e-5 * float(m_plain.abs().max()), rtol=1e-4)
+    # a loss scale (fp16 GradScaler) is divided out inside the blocked update as well
+    w_scaled, m_scaled, _ = train(False, loss_scale=256.0)
+    torch.testing.assert_close(w_scaled, w_plain, atol=1e-6 * float(w_plain.abs().max()), rtol=1e-5)
+    torch.testing.assert_close(m_scaled, m_plain, atol=1e-5 * float(m_plain.abs().max()), rtol=1e-4)
 
 
 def test_factored_gradient_finiteness_check(monkeypatch):

@@ -96,6 +96,37 @@ def test_sequential_records_match_the_general_reader(mixed, use_mmap, window):
     assert seen == [i for a, b in spans for i in range(a, b)]
 
 
+@pytest.mark.parametrize("use_mmap", [True, False])
+@pytest.mark.parametrize("window", [64, 2000])
+def test_kept_records_stay_valid_after_the_reader_moves_on(mixed, use_mmap, window):
+    """keep=True (what the shuffle buffer uses): every record still holds its bytes after the whole pass, when
+    the reader has unmapped or overwritten the blocks it read them from; views of mapped blocks are not
+    copies, records read into the reused buffer are."""
+    folder, _ = mixed
+    rec_path = os.path.join(folder, "train.rec")
+    seq = SequentialRecordDataset(rec_path, batch_size=4, shuffle_buffer=8, seed=1, chunk_records=9)
+    reader = recordio.MXIndexedRecordIO(os.path.join(folder, "train.idx"), rec_path, "r")
+
+    def mappings():  # this process's mappings of the file (the general reader may hold one of its own)
+        with open("/proc/self/maps") as f:
+            return sorted(line.split()[0] for line in f if line.rstrip().endswith(rec_path))
+
+    import gc
+    expected = {i: reader.read_idx(i) for a, b in seq.plan(0, 0, 1) for i in range(a, b)}
+    gc.collect()
+    before = mappings()
+    kept = list(seq._records(seq.plan(0, 0, 1), window=window, read_window=window, use_mmap=use_mmap, keep=True))
+    if use_mmap:
+        assert len(mappings()) > len(before)  # the kept views hold their blocks mapped
+    assert len(kept) == sum(b - a for a, b in seq.plan(0, 0, 1))
+    assert all(bytes(rec) == expected[i] for i, _, rec in kept)
+    if not use_mmap:  # the reused read buffer: each record must be its own object
+        assert all(not isinstance(rec, memoryview) for _, _, rec in kept)
+    del kept  # (no loop variable may keep a record alive past this point)
+    gc.collect()
+    assert mappings() == before  # every block was unmapped once its records were dropped
+
+
 def test_sequential_epoch_yields_every_sample_once(mixed):
     folder, expect = mixed
     seq = SequentialRecordDataset(os.path.join(folder, "train.rec"), batch_size=6, shuffle_buffer=10, seed=3)

@@ -12,27 +12,12 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "simd.h"
 
 namespace partialfc {
 namespace {
 
 constexpr int64_t kRowGrain = 64;
-constexpr int64_t kPrefetchRows = 4;
-
-template <typename T>
-inline void prefetch_row(const T* row, int64_t dim) {
-#if defined(__GNUC__)
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, 0);
-#endif
-}
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// AVX2/FMA variants chosen at run time (the baseline x86-64 build has 4-lane SSE2 only).
-#define PARTIALFC_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PARTIALFC_CLONES
-#endif
 
 // float32 rows: dst = src / max(||src||, 1e-12); returns the inverse norm.
 PARTIALFC_CLONES float normalize_row_f32(const float* __restrict src, float* __restrict dst, int64_t dim) {
@@ -76,7 +61,7 @@ void gather_normalize_rows(const at::Tensor& weight, const at::Tensor& index, at
       if (ws1 == 1 && os1 == 1) {
         // The sampled rows are scattered over the table (a page each): fetch a later row while this one
         // is processed, since the hardware prefetcher does not cross pages.
-        if (i + kPrefetchRows < end) prefetch_row(w + idx[i + kPrefetchRows] * ws0, dim);
+        if (i + kPrefetchRows < end) prefetch_row<false>(w + idx[i + kPrefetchRows] * ws0, dim);
         if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
           inv_norm[i] = normalize_row_f32(src, dst, dim);
           continue;

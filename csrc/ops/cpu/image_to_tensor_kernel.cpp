@@ -13,6 +13,7 @@
 // that rounding gives the correctly rounded quotient for each of the 256 inputs, as the division does
 // (tests/data/test_image_to_tensor.py checks every value against numpy's division).
 #include "image_to_tensor_kernel.h"
+#include "simd.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -112,10 +113,6 @@ __attribute__((target("avx2,fma"))) void convert_avx2(const uint8_t* img, float*
   }
 }
 
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 #endif
 
 void check_image(const at::Tensor& image, const char* op) {
@@ -155,7 +152,7 @@ void image_to_tensor_out_cpu(const at::Tensor& image, bool flip, at::Tensor& out
 
 void convert_image(const uint8_t* image, float* out, int64_t h, int64_t w, bool flip) {
 #if PARTIALFC_ITT_X86
-  if (has_avx2()) {
+  if (cpu_has_avx2_fma()) {
     convert_avx2(image, out, h, w, flip);
     return;
   }

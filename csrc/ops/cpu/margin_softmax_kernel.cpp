@@ -16,6 +16,7 @@
 
 #include "../checks.h"
 #include "../margin.h"
+#include "simd.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // Hot float loops get an AVX2/FMA variant chosen at run time; other machines run the baseline build.
@@ -123,16 +124,12 @@ __attribute__((target("avx2,fma"))) float sum_exp_avx2(const float* row, int64_t
 __attribute__((target("avx2,fma"))) void softmax_scale_avx2(float* row, int64_t n, float shift, float factor) {
   softmax_scale_impl<vfloat8, vint8>(row, n, shift, factor);
 }
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 #endif
 
 // sum_j exp(row[j] - shift)
 float sum_exp_f32(const float* row, int64_t n, float shift) {
 #if PARTIALFC_X86_DISPATCH
-  if (has_avx2()) return sum_exp_avx2(row, n, shift);
+  if (cpu_has_avx2_fma()) return sum_exp_avx2(row, n, shift);
 #endif
   return sum_exp_impl<vfloat4, vint4>(row, n, shift);
 }
@@ -140,7 +137,7 @@ float sum_exp_f32(const float* row, int64_t n, float shift) {
 // row[j] = exp(row[j] - shift) / sum * scale
 void softmax_scale_f32(float* row, int64_t n, float shift, float inv_sum, float scale) {
 #if PARTIALFC_X86_DISPATCH
-  if (has_avx2()) return softmax_scale_avx2(row, n, shift, inv_sum * scale);
+  if (cpu_has_avx2_fma()) return softmax_scale_avx2(row, n, shift, inv_sum * scale);
 #endif
   softmax_scale_impl<vfloat4, vint4>(row, n, shift, inv_sum * scale);
 }
@@ -201,14 +198,14 @@ __attribute__((target("avx2,fma"))) float row_max_avx2(const float* row, int64_t
 
 float clamp_scale_max_f32(float* row, int64_t n, float s) {
 #if PARTIALFC_X86_DISPATCH
-  if (has_avx2()) return clamp_scale_max_avx2(row, n, s);
+  if (cpu_has_avx2_fma()) return clamp_scale_max_avx2(row, n, s);
 #endif
   return clamp_scale_max_impl<vfloat4>(row, n, s);
 }
 
 float row_max_f32(const float* row, int64_t n) {
 #if PARTIALFC_X86_DISPATCH
-  if (has_avx2()) return row_max_avx2(row, n);
+  if (cpu_has_avx2_fma()) return row_max_avx2(row, n);
 #endif
   return row_max_impl<vfloat4>(row, n);
 }
@@ -445,7 +442,7 @@ __attribute__((target("avx2,fma"))) void backward_block_cols_avx2(float* base, i
 void forward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt, const float* tval,
                             float s, bool filter, float thr, float* mx, float* sum) {
 #if PARTIALFC_X86_DISPATCH
-  if (has_avx2()) return forward_block_cols_avx2(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);
+  if (cpu_has_avx2_fma()) return forward_block_cols_avx2(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);
 #endif
   forward_block_cols_impl<vfloat4, vint4>(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);
 }
@@ -453,7 +450,7 @@ void forward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, 
 void backward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt,
                              const float* shift, const float* factor, const float* tgrad, bool filter) {
 #if PARTIALFC_X86_DISPATCH
-  if (has_avx2()) return backward_block_cols_avx2(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
+  if (cpu_has_avx2_fma()) return backward_block_cols_avx2(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
 #endif
   backward_block_cols_impl<vfloat4, vint4>(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
 }

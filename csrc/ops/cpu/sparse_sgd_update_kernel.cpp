@@ -9,26 +9,47 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "simd.h"
 
 namespace partialfc {
 namespace {
 
-constexpr int64_t kPrefetchRows = 4;
-
-template <typename T>
-inline void prefetch_row(T* row, int64_t dim) {
-#if defined(__GNUC__)
-  char* p = reinterpret_cast<char*>(row);
-  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 1, 0);
-#endif
+// SGD with momentum on one element (dampening 0): the gradient is first rounded to the table's dtype, as
+// torch.optim.SGD sees it.
+template <typename w_t, typename acc_t>
+inline void sgd_element(w_t& w, w_t& m, acc_t grad, acc_t lr, acc_t mu, acc_t wd) {
+  const acc_t wv = static_cast<acc_t>(w);
+  const acc_t mv = static_cast<acc_t>(m) * mu + (static_cast<acc_t>(static_cast<w_t>(grad)) + wd * wv);
+  m = static_cast<w_t>(mv);
+  w = static_cast<w_t>(wv - lr * mv);
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// An AVX2/FMA variant chosen at run time (the baseline x86-64 build has 4-lane SSE2 only).
-#define PARTIALFC_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PARTIALFC_CLONES
-#endif
+// The loop both updates share: the sampled rows split over threads, each index checked, and
+// `row(i, weight row, momentum row, gradient row i, unit)` called, `unit` when all three rows are contiguous.
+// Before a unit-stride row, a later row's weight and momentum are prefetched (scattered rows, see simd.h).
+template <typename w_t, typename g_t, typename RowFn>
+void for_each_sampled_row(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, const at::Tensor& grad,
+                          const char* op, const RowFn& row) {
+  const int64_t rows = index.numel(), dim = weight.size(1), num_rows = weight.size(0);
+  const int64_t ws0 = weight.stride(0), ms0 = mom.stride(0), gs0 = grad.stride(0);
+  const bool unit = weight.stride(1) == 1 && mom.stride(1) == 1 && grad.stride(1) == 1;
+  w_t* w = weight.data_ptr<w_t>();
+  w_t* m = mom.data_ptr<w_t>();
+  const g_t* g = grad.const_data_ptr<g_t>();
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = idx[i];
+      TORCH_CHECK(r >= 0 && r < num_rows, op, ": index[", i, "] = ", r, " is outside [0, ", num_rows, ")");
+      if (unit && i + kPrefetchRows < end) {
+        const int64_t next = idx[i + kPrefetchRows];
+        prefetch_row<true>(w + next * ws0, dim);
+        prefetch_row<true>(m + next * ms0, dim);
+      }
+      row(i, w + r * ws0, m + r * ms0, g + i * gs0, unit);
+    }
+  });
+}
 
 // One float32 row of update_rows.
 PARTIALFC_CLONES void sgd_row_f32(float* __restrict w, float* __restrict m, const float* __restrict g, int64_t dim,
@@ -46,55 +67,23 @@ template <typename w_t, typename g_t>
 void update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, const at::Tensor& grad, double lr_d,
                  double momentum_d, double wd_d) {
   using acc_t = at::opmath_type<w_t>;
-  const int64_t rows = index.numel(), dim = weight.size(1), num_rows = weight.size(0);
-  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ms0 = mom.stride(0), ms1 = mom.stride(1);
-  const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);
-  w_t* w = weight.data_ptr<w_t>();
-  w_t* m = mom.data_ptr<w_t>();
-  const g_t* g = grad.const_data_ptr<g_t>();
-  const int64_t* idx = index.const_data_ptr<int64_t>();
+  const int64_t dim = weight.size(1), ws1 = weight.stride(1), ms1 = mom.stride(1), gs1 = grad.stride(1);
   const acc_t lr = static_cast<acc_t>(lr_d), mu = static_cast<acc_t>(momentum_d), wd = static_cast<acc_t>(wd_d);
-  const bool unit = ws1 == 1 && ms1 == 1 && gs1 == 1;
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = idx[i];
-      TORCH_CHECK(r >= 0 && r < num_rows, "sparse_sgd_update: index[", i, "] = ", r, " is outside [0, ", num_rows, ")");
-      w_t* wr = w + r * ws0;
-      w_t* mr = m + r * ms0;
-      const g_t* gr = g + i * gs0;
-      if (unit) {
-        // Scattered rows: fetch a later row's weight and momentum ahead (see gather_normalize_kernel.cpp).
-        if (i + kPrefetchRows < end) {
-          const int64_t next = idx[i + kPrefetchRows];
-          prefetch_row(w + next * ws0, dim);
-          prefetch_row(m + next * ms0, dim);
-        }
-        if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
-          sgd_row_f32(wr, mr, gr, dim, lr, mu, wd);
-          continue;
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < dim; ++j) {
-          // The gradient is first rounded to the table's dtype, as torch.optim.SGD sees it.
-          const acc_t wv = static_cast<acc_t>(wr[j]);
-          const acc_t gv = static_cast<acc_t>(static_cast<w_t>(gr[j])) + wd * wv;
-          const acc_t mv = static_cast<acc_t>(mr[j]) * mu + gv;
-          mr[j] = static_cast<w_t>(mv);
-          wr[j] = static_cast<w_t>(wv - lr * mv);
-        }
+  for_each_sampled_row<w_t, g_t>(weight, mom, index, grad, "sparse_sgd_update",
+                                 [&](int64_t, w_t* wr, w_t* mr, const g_t* gr, bool unit) {
+    if (unit) {
+      if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
+        sgd_row_f32(wr, mr, gr, dim, lr, mu, wd);
       } else {
-        for (int64_t j = 0; j < dim; ++j) {
-          const acc_t wv = static_cast<acc_t>(wr[j * ws1]);
-          const acc_t gv = static_cast<acc_t>(static_cast<w_t>(gr[j * gs1])) + wd * wv;
-          const acc_t mv = static_cast<acc_t>(mr[j * ms1]) * mu + gv;
-          mr[j * ms1] = static_cast<w_t>(mv);
-          wr[j * ws1] = static_cast<w_t>(wv - lr * mv);
-        }
+#pragma omp simd
+        for (int64_t j = 0; j < dim; ++j) sgd_element(wr[j], mr[j], static_cast<acc_t>(gr[j]), lr, mu, wd);
       }
+    } else {
+      for (int64_t j = 0; j < dim; ++j)
+        sgd_element(wr[j * ws1], mr[j * ms1], static_cast<acc_t>(gr[j * gs1]), lr, mu, wd);
     }
   });
 }
-
 
 // One float32 row of normalize_backward_update_rows: dot = <g, w * scale>, then
 // grad = (g - w * scale * dot) * scale * inv_gscale; SGD-momentum on w, m.
@@ -121,61 +110,35 @@ void normalize_backward_update_rows(at::Tensor& weight, at::Tensor& mom, const a
                                     const at::Tensor& grad, const at::Tensor& inv, double lr_d, double momentum_d,
                                     double wd_d, double grad_scale_d) {
   using acc_t = at::opmath_type<w_t>;
-  const int64_t rows = index.numel(), dim = weight.size(1), num_rows = weight.size(0);
-  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ms0 = mom.stride(0), ms1 = mom.stride(1);
-  const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);
-  w_t* w = weight.data_ptr<w_t>();
-  w_t* m = mom.data_ptr<w_t>();
-  const g_t* g = grad.const_data_ptr<g_t>();
+  const int64_t dim = weight.size(1), ws1 = weight.stride(1), ms1 = mom.stride(1), gs1 = grad.stride(1);
   const acc_t* inv_norm = inv.const_data_ptr<acc_t>();
-  const int64_t* idx = index.const_data_ptr<int64_t>();
   const acc_t lr = static_cast<acc_t>(lr_d), mu = static_cast<acc_t>(momentum_d), wd = static_cast<acc_t>(wd_d);
   // Loss scales are powers of two in practice, so multiplying by the reciprocal is exact there.
   const acc_t inv_gscale = static_cast<acc_t>(1.0 / grad_scale_d);
-  const bool unit = ws1 == 1 && ms1 == 1 && gs1 == 1;
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = idx[i];
-      TORCH_CHECK(r >= 0 && r < num_rows, "normalize_backward_sgd_update: index[", i, "] = ", r, " is outside [0, ",
-                  num_rows, ")");
-      w_t* wr = w + r * ws0;
-      w_t* mr = m + r * ms0;
-      const g_t* gr = g + i * gs0;
-      const acc_t scale = inv_norm[i];
-      acc_t dot = 0;
-      if (unit) {
-        if (i + kPrefetchRows < end) {
-          const int64_t next = idx[i + kPrefetchRows];
-          prefetch_row(w + next * ws0, dim);
-          prefetch_row(m + next * ms0, dim);
-        }
-        if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
-          update_row_f32(wr, mr, gr, dim, scale, inv_gscale, lr, mu, wd);
-          continue;
-        }
+  for_each_sampled_row<w_t, g_t>(weight, mom, index, grad, "normalize_backward_sgd_update",
+                                 [&](int64_t i, w_t* wr, w_t* mr, const g_t* gr, bool unit) {
+    const acc_t scale = inv_norm[i];
+    acc_t dot = 0;
+    if (unit) {
+      if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
+        update_row_f32(wr, mr, gr, dim, scale, inv_gscale, lr, mu, wd);
+      } else {
 #pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < dim; ++j)
           dot += static_cast<acc_t>(gr[j]) * (static_cast<acc_t>(wr[j]) * scale);
 #pragma omp simd
         for (int64_t j = 0; j < dim; ++j) {
-          const acc_t wv = static_cast<acc_t>(wr[j]);
-          const acc_t rv = (static_cast<acc_t>(gr[j]) - wv * scale * dot) * scale * inv_gscale;
-          const acc_t gv = static_cast<acc_t>(static_cast<w_t>(rv)) + wd * wv;
-          const acc_t mv = static_cast<acc_t>(mr[j]) * mu + gv;
-          mr[j] = static_cast<w_t>(mv);
-          wr[j] = static_cast<w_t>(wv - lr * mv);
+          const acc_t rv = (static_cast<acc_t>(gr[j]) - static_cast<acc_t>(wr[j]) * scale * dot) * scale * inv_gscale;
+          sgd_element(wr[j], mr[j], rv, lr, mu, wd);
         }
-      } else {
-        for (int64_t j = 0; j < dim; ++j)
-          dot += static_cast<acc_t>(gr[j * gs1]) * (static_cast<acc_t>(wr[j * ws1]) * scale);
-        for (int64_t j = 0; j < dim; ++j) {
-          const acc_t wv = static_cast<acc_t>(wr[j * ws1]);
-          const acc_t rv = (static_cast<acc_t>(gr[j * gs1]) - wv * scale * dot) * scale * inv_gscale;
-          const acc_t gv = static_cast<acc_t>(static_cast<w_t>(rv)) + wd * wv;
-          const acc_t mv = static_cast<acc_t>(mr[j * ms1]) * mu + gv;
-          mr[j * ms1] = static_cast<w_t>(mv);
-          wr[j * ws1] = static_cast<w_t>(wv - lr * mv);
-        }
+      }
+    } else {
+      for (int64_t j = 0; j < dim; ++j)
+        dot += static_cast<acc_t>(gr[j * gs1]) * (static_cast<acc_t>(wr[j * ws1]) * scale);
+      for (int64_t j = 0; j < dim; ++j) {
+        const acc_t rv =
+            (static_cast<acc_t>(gr[j * gs1]) - static_cast<acc_t>(wr[j * ws1]) * scale * dot) * scale * inv_gscale;
+        sgd_element(wr[j * ws1], mr[j * ms1], rv, lr, mu, wd);
       }
     }
   });

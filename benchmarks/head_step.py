@@ -109,27 +109,22 @@ def _build(torch, variant, args, device, shared=None):
         return step
     if variant == "dense":
         return _dense_v2_step_factory(torch, classes, dim, rate, device, shared.get("weight"))
-    from partialfc.head.partial_fc import logits_class_major
+    from partialfc.head.partial_fc import _mm_into, logits_class_major
 
     num_sample = int(rate * classes)
     centers = torch.nn.functional.normalize(torch.randn(num_sample, dim, device=device))
     grad_x = torch.empty(batch, dim, device=device)
     grad_centers = torch.empty(num_sample, dim, device=device)
+    # [B, S] in the fused path's layout: on CPU the transpose of an [S, B] buffer, the products computed the
+    # way the head computes them (the first one as centers @ x^T there)
     if logits_class_major(device):
-        # The fused path's layout on CPU: logits held class by class, [S, B]; the same three products.
-        logits_t = torch.empty(num_sample, batch, device=device)
-
-        def step(x, y):
-            xd = x.detach()
-            torch.mm(centers, xd.t(), out=logits_t)
-            torch.mm(logits_t.t(), centers, out=grad_x)
-            torch.mm(logits_t, xd, out=grad_centers)
-        return step
-    logits = torch.empty(batch, num_sample, device=device)
+        logits = torch.empty(num_sample, batch, device=device).t()
+    else:
+        logits = torch.empty(batch, num_sample, device=device)
 
     def step(x, y):
         xd = x.detach()
-        torch.mm(xd, centers.t(), out=logits)
+        _mm_into(xd, centers.t(), logits)
         torch.mm(logits, centers, out=grad_x)
         torch.mm(logits.t(), xd, out=grad_centers)
     return step
@@ -141,16 +136,32 @@ def _batches(torch, args, device):
              torch.randint(0, args.classes, (args.batch,), generator=g).to(device)) for _ in range(4)]
 
 
-def _worker(args):
-    """Peak memory of one variant (alone in this process), and its own step times."""
+def _setup(args):
+    """``(torch, device, batches, sync)`` of a worker process: threads and seed set, inputs made."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    batches = _batches(torch, args, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return torch, device, _batches(torch, args, device), sync
+
+
+def _timed(step, batch, sync):
+    """Seconds of one ``step(x, y)``, the device synchronized before and after."""
+    x, y = batch
+    x.grad = None
+    sync()
+    start = time.perf_counter()
+    step(x, y)
+    sync()
+    return time.perf_counter() - start
+
+
+def _worker(args):
+    """Peak memory of one variant (alone in this process), and its own step times."""
+    torch, device, batches, sync = _setup(args)
     step = _build(torch, args.variant, args, device)
     sync()
     if device.type == "cuda":
@@ -160,14 +171,9 @@ def _worker(args):
         base = _rss_bytes()
     times = []
     for i in range(args.warmup + args.steps):
-        x, y = batches[i % len(batches)]
-        x.grad = None
-        sync()
-        start = time.perf_counter()
-        step(x, y)
-        sync()
+        seconds = _timed(step, batches[i % len(batches)], sync)
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()) - base
     print(json.dumps(dict(variant=args.variant, classes=args.classes, alone_median_s=statistics.median(times),
                           peak_extra_bytes=max(peak, 0), threads=torch.get_num_threads())))
@@ -176,14 +182,7 @@ def _worker(args):
 def _interleaved(args):
     """Step times of every variant, in one process, one step of each in turn: other jobs on a shared
     machine then slow every variant alike, and the ratios stay meaningful."""
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    batches = _batches(torch, args, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch, device, batches, sync = _setup(args)
     shared = {}
     steps = {v: _build(torch, v, args, device, shared) for v in args.variants}
     # One step of each in this order: fused runs right after the GEMM floor and right before the dense
@@ -192,15 +191,10 @@ def _interleaved(args):
     steps = {v: steps[v] for v in order}
     times = {v: [] for v in order}
     for i in range(args.warmup + args.steps):
-        x, y = batches[i % len(batches)]
         for v, step in steps.items():
-            x.grad = None
-            sync()
-            start = time.perf_counter()
-            step(x, y)
-            sync()
+            seconds = _timed(step, batches[i % len(batches)], sync)
             if i >= args.warmup:
-                times[v].append(time.perf_counter() - start)
+                times[v].append(seconds)
     print(json.dumps(dict(median={v: statistics.median(t) for v, t in times.items()}, times=times)))
 
 

@@ -115,8 +115,8 @@ class _PendingRowGrad:
     (about 8 ms of a 300 ms step at 1M classes on 2 cores)."""
 
     BLOCK_ROWS = 2048  # 4 MiB of float32 rows at D = 512: cache-resident between the GEMM and the update
-    # Smaller products stay factored-free: they fit in a server CPU's last-level cache anyway, and the
-    # per-block calls would cost more than the memory traffic saved (100K classes: 20 MB).
+    # Smaller products are formed in the backward: they fit in a server CPU's last-level cache anyway, and
+    # the per-block calls would cost more than the memory traffic saved (100K classes: 20 MB).
     MIN_FACTORED_BYTES = 64 << 20
 
     @classmethod
@@ -252,8 +252,8 @@ class _FusedMarginSoftmaxLoss(torch.autograd.Function):
             grad_features = torch.mm(grad_logits, centers) if ctx.needs_input_grad[0] else None
             if ctx.needs_input_grad[1]:
                 defer = head._can_defer(ctx.sink)
-                if (defer and compute_dtype == acc_dtype and logits_class_major(device)
-                        and _PendingRowGrad.factor(num_sample, dim, acc_dtype)):
+                # (defer implies the CPU kernels, hence class-major logits)
+                if defer and compute_dtype == acc_dtype and _PendingRowGrad.factor(num_sample, dim, acc_dtype):
                     # The product grad_logits^T @ features is left to the optimizer step (see _PendingRowGrad).
                     # Not for float16 compute, whose product can overflow where both factors are finite.
                     pending = _PendingRowGrad(centers, inv_norm, ws.generation, grad_logits=grad_logits,
@@ -263,7 +263,7 @@ class _FusedMarginSoftmaxLoss(torch.autograd.Function):
                     grad_centers = ws.get("grad_rows", (num_sample, dim), acc_dtype, device)
                     if compute_dtype != acc_dtype:
                         grad_centers = ws.get("grad_centers_lowp", (num_sample, dim), compute_dtype, device)
-                    # class-major logits: grad_logits.t() is contiguous
+                    # (with class-major logits, grad_logits.t() is contiguous)
                     torch.mm(grad_logits.t(), features, out=grad_centers)
                     pending = _PendingRowGrad(centers, inv_norm, ws.generation, grad_centers=grad_centers)
                 if defer:

@@ -19,19 +19,10 @@ import shutil
 
 import torch
 
+from .fileio import write_atomic
+
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def write_atomic(path, write, mode="wb"):
-    """``write(file)`` into a temporary name, fsync, then rename over ``path``: readers see the old file or
-    the whole new one, never a part."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_atomic(obj, path):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..checkpoint import write_atomic
+from ..fileio import write_atomic
 from .transforms import flip_bit
 
 SIZE = 112

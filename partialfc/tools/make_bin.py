@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from partialfc.checkpoint import write_atomic
+from partialfc.fileio import write_atomic
 from partialfc.tools import ToolError, run_cli
 
 SIZE = 112

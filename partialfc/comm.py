@@ -10,6 +10,7 @@ The backend is found from the launcher's environment (``comm_backend="auto"``) o
 All collectives take and return tensors on the caller's device; ``allgather`` concatenates along dim 0.
 Gradient-carrying collectives are autograd functions (see ``AllGather``).
 """
+import contextlib
 import os
 import socket
 
@@ -73,6 +74,30 @@ class Communicator:
         """``(forward module, optimizer)`` whose backbone gradients are summed over ranks."""
         return module, optimizer
 
+    def zero_redundancy_optimizer(self, params, optimizer_class, **kwargs):
+        """An ``optimizer_class`` whose state is sharded over ranks (ZeRO stage 1), for ``data_parallel``."""
+        from .config import ConfigError
+        raise ConfigError(f"zero_optimizer=True is not supported with the {self.backend!r} backend: it shards "
+                          "optimizer state through torch.distributed; launch with torchrun or set "
+                          "comm_backend='torch'")
+
+    # --- the training step's hand-offs with the data-parallel wrapper; no-ops in one process ---
+    def no_sync(self, model):
+        """Context for a backward that must only accumulate gradients (every micro-batch but the last)."""
+        return contextlib.nullcontext()
+
+    def wait_for_gradients(self, optimizer):
+        """Block until the backbone gradients of the last backward are summed over ranks, so they can be
+        read (unscaled, clipped, checked) before the step."""
+
+    def step_after_wait(self, optimizer):
+        """``optimizer.step()`` on gradients that ``wait_for_gradients`` has already summed."""
+        optimizer.step()
+
+    def consolidate_optimizer_state(self, optimizer, root=0):
+        """Gather a sharded optimizer's state on ``root``, so that its ``state_dict()`` is whole there.
+        Every rank calls it; a no-op for an optimizer whose state is not sharded."""
+
     def shutdown(self):
         pass
 
@@ -125,6 +150,17 @@ class HorovodComm(Communicator):
             optimizer, named_parameters=module.named_parameters(), op=self.hvd.Sum,
             backward_passes_per_step=gradient_acc)
         return module, optimizer
+
+    # No no_sync: backward_passes_per_step makes the DistributedOptimizer allreduce on the last micro-batch.
+
+    def wait_for_gradients(self, optimizer):
+        # Horovod: the allreduces started during backward are asynchronous; wait for their sums.
+        optimizer.synchronize()
+
+    def step_after_wait(self, optimizer):
+        # Horovod: step() would synchronize again; the gradients are already summed.
+        with optimizer.skip_synchronize():
+            optimizer.step()
 
     def shutdown(self):
         self.hvd.shutdown()
@@ -213,9 +249,34 @@ class TorchDistComm(Communicator):
         ddp.register_comm_hook(None, _sum_allreduce_hook)
         return ddp, optimizer
 
+    def zero_redundancy_optimizer(self, params, optimizer_class, **kwargs):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, **kwargs)
+
+    def no_sync(self, model):
+        # DDP allreduces during every backward unless told to only accumulate.
+        return model.no_sync()
+
+    def consolidate_optimizer_state(self, optimizer, root=0):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            optimizer.consolidate_state_dict(to=root)
+
     def shutdown(self):
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def launcher_rank():
+    """This process's rank as its launcher set it (a string, ``"?"`` when unknown), for messages written
+    before or without a communicator."""
+    env = os.environ
+    for var in ("HOROVOD_RANK", "RANK") + _MPI_RANK_VARS:
+        if var in env:
+            return env[var]
+    return "?"
 
 
 _COMM = None

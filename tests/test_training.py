@@ -1,4 +1,5 @@
 """The training step and loop: micro-batching, non-finite steps, schedules, checkpoints and exact resume."""
+import contextlib
 import math
 import os
 import signal
@@ -10,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from partialfc import PartialFC, SparseSGD, checkpoint
-from partialfc.comm import Communicator
+from partialfc import PartialFC, SparseSGD
+from partialfc.comm import Communicator, HorovodComm, TorchDistComm
 from partialfc.config import Config, ConfigError, load_config
-from partialfc.hooks import HookBase
+from partialfc.engine import checkpointer as checkpoint
+from partialfc.engine.hooks import HookBase
 from partialfc.train import Trainer, poly_lr_lambda, step_lr_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +90,81 @@ def test_good_step_resets_the_bad_step_count():
     assert t.bad_steps == 0
 
 
+def test_single_process_comm_hands_offs_are_plain_calls():
+    comm = Communicator()
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    with comm.no_sync(model):  # nothing to skip: gradients accumulate as always
+        model(torch.ones(1, 3)).sum().backward()
+    assert torch.equal(model.bias.grad, torch.ones(2))
+    before = model.bias.detach().clone()
+    comm.wait_for_gradients(optimizer)
+    comm.step_after_wait(optimizer)
+    assert torch.equal(model.bias.detach(), before - 0.5)
+    comm.consolidate_optimizer_state(optimizer)
+    assert optimizer.state_dict()["state"]  # left as it was
+    with pytest.raises(ConfigError, match="zero_optimizer=True is not supported with the 'single' backend"):
+        comm.zero_redundancy_optimizer(model.parameters(), torch.optim.SGD, lr=0.1)
+
+
+class _RecordingOptimizer:
+    def __init__(self):
+        self.calls = []
+
+    def synchronize(self):
+        self.calls.append("synchronize")
+
+    def step(self):
+        self.calls.append("step")
+
+    def skip_synchronize(self):
+        @contextlib.contextmanager
+        def skipping():
+            self.calls.append("skip on")
+            yield
+            self.calls.append("skip off")
+        return skipping()
+
+
+def test_backend_comms_wrap_their_wrappers_hand_offs():
+    hvd, optimizer = HorovodComm.__new__(HorovodComm), _RecordingOptimizer()
+    hvd.wait_for_gradients(optimizer)
+    hvd.step_after_wait(optimizer)
+    assert optimizer.calls == ["synchronize", "skip on", "step", "skip off"]
+    with hvd.no_sync(nn.Linear(1, 1)):  # the DistributedOptimizer counts backward passes instead
+        pass
+
+    class _DDPLike(nn.Linear):
+        entered = 0
+
+        def no_sync(self):
+            type(self).entered += 1
+            return contextlib.nullcontext()
+
+    with TorchDistComm.__new__(TorchDistComm).no_sync(_DDPLike(1, 1)):
+        pass
+    assert _DDPLike.entered == 1
+    TorchDistComm.__new__(TorchDistComm).consolidate_optimizer_state(optimizer)  # not sharded: nothing to do
+    assert optimizer.calls == ["synchronize", "skip on", "step", "skip off"]
+
+
+def test_a_sealed_checkpoint_keeps_the_last_two(tmp_path):
+    for step in (2, 4, 6):
+        folder = checkpoint.step_dir(str(tmp_path), step)
+        os.makedirs(folder)
+        for name in ("rank_0.pt", "rank_1.pt", "trainer.pt"):
+            checkpoint.save_atomic({"step": step}, os.path.join(folder, name))
+        checkpoint.write_manifest(folder, 2, step)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_4", "step_6"]
+    assert checkpoint.latest_complete(str(tmp_path)).endswith("step_6")
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "step_6")) == [
+        checkpoint.MANIFEST, "rank_0.pt", "rank_1.pt", "trainer.pt"]  # no temporary files left
+    os.remove(tmp_path / "checkpoints" / "step_6" / "rank_1.pt")
+    assert checkpoint.latest_complete(str(tmp_path)).endswith("step_4")  # a torn folder is skipped
+    with pytest.raises(RuntimeError, match="missing"):
+        checkpoint.write_manifest(checkpoint.step_dir(str(tmp_path), 6), 2, 6)
+
+
 def test_schedules():
     poly = poly_lr_lambda(max_steps=100, warmup_steps=10)
     assert poly(0) == pytest.approx(0.1) and poly(9) == pytest.approx(1.0)
@@ -158,7 +235,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
 KILL_SCRIPT = r"""
 import os, sys, time
 sys.path.insert(0, {root!r})
-from partialfc import checkpoint
+from partialfc.engine import checkpointer as checkpoint
 from partialfc.config import Config
 from partialfc.train import Trainer
 import json

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from partialfc.hooks import HookBase
+from partialfc.engine.hooks import HookBase
 
 from .safe_pickle import UnsafePickleError, safe_load
 

@@ -10,7 +10,7 @@ import torch
 
 from partialfc.config import default_config
 from partialfc.eval import VerificationHook, embed_images, evaluate, load_bin
-from partialfc.hooks import HookBase
+from partialfc.engine.hooks import HookBase
 
 
 def _write_bin(path, n_pairs, seed):

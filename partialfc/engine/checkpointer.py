@@ -1,0 +1,168 @@
+"""Resumable checkpoints that a crash during a save cannot tear, and the final model files.
+
+Layout under ``OUTPUT/checkpoints/step_<N>/``:
+
+- ``rank_<r>.pt`` on every rank: its class-center shard, the SparseSGD momentum, the head's sampler state
+  and the rank's RNG states;
+- ``trainer.pt`` on rank 0: backbone, backbone optimizer, LR schedulers, grad scaler, step, epoch and the
+  config;
+- ``MANIFEST.json``, written by rank 0 last, after every rank has finished its files: it lists them with
+  their sizes. A step folder without a manifest, or whose files do not match it, is ignored. Sealing a
+  folder drops the complete checkpoints older than the last two.
+
+At the end of training, ``OUTPUT/model.pt`` (the backbone state_dict, arcface_torch's layout),
+``OUTPUT/config.json`` and one ``OUTPUT/softmax_fc_rank_<r>.pt`` class-center shard per rank.
+
+Every file is written to a temporary name and renamed, so a reader sees either the old file or the whole
+new one. ``torch.load(weights_only=True)`` reads everything back.
+"""
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from ..fileio import write_atomic
+
+MANIFEST = "MANIFEST.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_json_atomic(obj, path):
+    write_atomic(path, lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
+
+
+def load(path, map_location="cpu"):
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def step_dir(output, step):
+    return os.path.join(output, "checkpoints", f"step_{step}")
+
+
+def _is_complete(folder):
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        with open(manifest) as f:
+            files = json.load(f)["files"]
+    except (ValueError, KeyError, OSError):
+        return False
+    return all(os.path.isfile(os.path.join(folder, name)) and os.path.getsize(os.path.join(folder, name)) == size
+               for name, size in files.items())
+
+
+def latest_complete(output):
+    """The newest complete checkpoint folder under ``output``, or None."""
+    root = os.path.join(output, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = sorted((int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m), reverse=True)
+    for step in steps:
+        folder = step_dir(output, step)
+        if _is_complete(folder):
+            return folder
+    return None
+
+
+def write_manifest(folder, world_size, step, keep=2):
+    """Rank 0, after a barrier: seal ``folder`` and drop complete checkpoints older than the last ``keep``."""
+    names = [f"rank_{r}.pt" for r in range(world_size)] + ["trainer.pt"]
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise RuntimeError(f"checkpoint {folder} is missing {missing}; not sealing it")
+    files = {n: os.path.getsize(os.path.join(folder, n)) for n in names}
+    write_json_atomic({"step": step, "world_size": world_size, "files": files}, os.path.join(folder, MANIFEST))
+    root = os.path.dirname(folder)
+    steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m)
+    for old in steps[:-keep] if keep else []:
+        if old < step:
+            shutil.rmtree(step_dir(os.path.dirname(root), old), ignore_errors=True)
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue bit for bit, and writes the final files.
+
+    It holds the objects whose state it saves; the trainer passes in its progress (step, epoch, batch in
+    epoch) on save and takes it back from ``resume``. Every rank calls every method.
+    """
+
+    def __init__(self, output, comm, config, *, backbone, optimizer, schedulers, scaler, pfc, pfc_optimizer,
+                 device, log):
+        self.output, self.comm, self.config, self.device, self.log = output, comm, config, device, log
+        self.backbone, self.optimizer, self.schedulers, self.scaler = backbone, optimizer, schedulers, scaler
+        self.pfc, self.pfc_optimizer = pfc, pfc_optimizer
+
+    def _rank_state(self):
+        self.pfc_optimizer.momentum_buffer()  # materialize it, so the state always holds one
+        return dict(weight=self.pfc.weight.detach().cpu(), pfc_optimizer=self.pfc_optimizer.state_dict(),
+                    class_start=self.pfc.class_start, num_local=self.pfc.num_local,
+                    sampler=self.pfc.sampler.get_state(), torch_rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+    def save(self, step, epoch, batch_in_epoch):
+        """Every rank writes its shard; rank 0 the rest, and after a barrier the manifest that seals it."""
+        comm = self.comm
+        folder = step_dir(self.output, step)
+        if comm.rank == 0:
+            os.makedirs(folder, exist_ok=True)
+        comm.barrier()
+        save_atomic(self._rank_state(), os.path.join(folder, f"rank_{comm.rank}.pt"))
+        comm.consolidate_optimizer_state(self.optimizer, root=0)
+        if comm.rank == 0:
+            state = dict(backbone=self.backbone.state_dict(), optimizer=self.optimizer.state_dict(),
+                         schedulers=[s.state_dict() for s in self.schedulers],
+                         scaler=self.scaler.state_dict() if self.scaler else None,
+                         step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                         world_size=comm.size, config=json.dumps(self.config, default=str))
+            save_atomic(state, os.path.join(folder, "trainer.pt"))
+        comm.barrier()
+        if comm.rank == 0:
+            write_manifest(folder, comm.size, step)
+            self.log(f"checkpoint {folder}")
+        comm.barrier()
+
+    def resume(self):
+        """Restore the newest complete checkpoint; returns its ``dict(step, epoch, batch_in_epoch)``, or None
+        when there is none."""
+        folder = latest_complete(self.output)
+        if folder is None:
+            self.log(f"resume=True but no complete checkpoint under {self.output}/checkpoints; starting fresh")
+            return None
+        trainer = load(os.path.join(folder, "trainer.pt"))
+        if trainer["world_size"] != self.comm.size:
+            raise RuntimeError(f"checkpoint {folder} was written by {trainer['world_size']} ranks; this run has "
+                               f"{self.comm.size}: class-center shards would not line up")
+        mine = load(os.path.join(folder, f"rank_{self.comm.rank}.pt"))
+        self.backbone.load_state_dict(trainer["backbone"])
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        for scheduler, state in zip(self.schedulers, trainer["schedulers"]):
+            scheduler.load_state_dict(state)
+        if self.scaler is not None and trainer["scaler"]:
+            self.scaler.load_state_dict(trainer["scaler"])
+        with torch.no_grad():
+            self.pfc.weight.copy_(mine["weight"])
+        self.pfc_optimizer.load_state_dict(mine["pfc_optimizer"])  # momentum and the scheduled lr
+        self.pfc.sampler.set_state(mine["sampler"])
+        torch.set_rng_state(mine["torch_rng"])
+        if mine["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        self.log(f"resumed from {folder} at step {trainer['step']}")
+        return dict(step=trainer["step"], epoch=trainer["epoch"], batch_in_epoch=trainer["batch_in_epoch"])
+
+    def save_final(self):
+        """``model.pt`` (the backbone state_dict, arcface_torch layout) and each rank's class-center shard."""
+        shard = dict(weight=self.pfc.weight.detach().cpu(), class_start=self.pfc.class_start,
+                     num_classes=self.pfc.num_classes, world_size=self.comm.size)
+        save_atomic(shard, os.path.join(self.output, f"softmax_fc_rank_{self.comm.rank}.pt"))
+        if self.comm.rank == 0:
+            save_atomic(self.backbone.state_dict(), os.path.join(self.output, "model.pt"))
+            write_json_atomic(self.config, os.path.join(self.output, "config.json"))
+            self.log(f"saved {os.path.join(self.output, 'model.pt')}")
+        self.comm.barrier()

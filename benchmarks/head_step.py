@@ -33,6 +33,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("fused", "reference", "dense", "gemm")
+# The fused step without one CPU mechanism of partialfc.ops.cpu each (--mechanisms): what each one buys.
+MECHANISMS = {"fused_no_reuse": dict(reuse_buffers=False), "fused_no_thp": dict(huge_pages=False),
+              "fused_row_major": dict(class_major=False)}
 MARGIN = (64.0, 1.0, 0.5, 0.0)  # ArcFace
 
 
@@ -87,15 +90,24 @@ def _build(torch, variant, args, device, shared=None):
     the class-center table and its momentum, so that all of them fit in memory together."""
     classes, dim, batch, rate = args.classes, args.dim, args.batch, args.rate
     shared = {} if shared is None else shared
-    if variant in ("fused", "reference"):
-        from partialfc import _ext
+    if variant in ("fused", "reference") or variant in MECHANISMS:
+        # Only the head's public API here, so that --baseline-tree can run this variant on another checkout.
         from partialfc.head import PartialFC, SparseSGD
 
-        if variant == "fused" and not (_ext.enabled() and _ext.supports(device)):
-            raise SystemExit(f"partialfc._C is not usable on {device} ({_ext.LOAD_ERROR}); build it first")
-        pfc = PartialFC(dim, classes, sample_rate=rate, margin=MARGIN, use_ext=variant == "fused").to(device)
+        pfc = PartialFC(dim, classes, sample_rate=rate, margin=MARGIN, use_ext=variant != "reference").to(device)
+        if variant != "reference" and "Reference" in type(getattr(pfc, "ops", None)).__name__:
+            raise SystemExit(f"partialfc._C is not usable on {device}; build it first")
+        if variant in MECHANISMS:
+            from partialfc.ops.cpu import CpuCompiledOps
+
+            pfc.ops = CpuCompiledOps(device, **MECHANISMS[variant])
         opt = SparseSGD(pfc, lr=0.1, momentum=0.9, weight_decay=5e-4)
-        if "weight" in shared:
+        if variant == "fused_no_thp":
+            # Its own table and momentum on small pages (the shared ones are on huge pages).
+            pfc.weight = torch.nn.Parameter(torch.empty_like(pfc.weight).copy_(pfc.weight), requires_grad=False)
+            opt.param_groups[0]["params"] = [pfc.weight]
+            opt.momentum_buffer()
+        elif "weight" in shared:
             pfc.weight = shared["weight"]
             opt.param_groups[0]["params"] = [pfc.weight]
             opt.state[pfc.weight]["momentum_buffer"] = shared["momentum"]
@@ -109,22 +121,20 @@ def _build(torch, variant, args, device, shared=None):
         return step
     if variant == "dense":
         return _dense_v2_step_factory(torch, classes, dim, rate, device, shared.get("weight"))
-    from partialfc.head.partial_fc import _mm_into, logits_class_major
+    from partialfc.ops import op_table
 
+    table = op_table(device)
     num_sample = int(rate * classes)
     centers = torch.nn.functional.normalize(torch.randn(num_sample, dim, device=device))
     grad_x = torch.empty(batch, dim, device=device)
     grad_centers = torch.empty(num_sample, dim, device=device)
-    # [B, S] in the fused path's layout: on CPU the transpose of an [S, B] buffer, the products computed the
-    # way the head computes them (the first one as centers @ x^T there)
-    if logits_class_major(device):
-        logits = torch.empty(num_sample, batch, device=device).t()
-    else:
-        logits = torch.empty(batch, num_sample, device=device)
+    # [B, S] in the fused path's layout (on CPU the transpose of an [S, B] buffer), the products computed the
+    # way the head computes them
+    logits = table.empty_logits("logits", batch, num_sample, torch.float32)
 
     def step(x, y):
         xd = x.detach()
-        _mm_into(xd, centers.t(), logits)
+        table.mm_into(xd, centers.t(), logits)
         torch.mm(logits, centers, out=grad_x)
         torch.mm(logits.t(), xd, out=grad_centers)
     return step
@@ -187,7 +197,7 @@ def _interleaved(args):
     steps = {v: _build(torch, v, args, device, shared) for v in args.variants}
     # One step of each in this order: fused runs right after the GEMM floor and right before the dense
     # baseline, so that each ratio pairs steps taken seconds apart (see _paired).
-    order = sorted(steps, key=lambda v: ("gemm", "fused", "dense", "reference").index(v))
+    order = sorted(steps, key=lambda v: ("gemm", "fused", "dense", "reference", *MECHANISMS).index(v))
     steps = {v: steps[v] for v in order}
     times = {v: [] for v in order}
     for i in range(args.warmup + args.steps):
@@ -204,16 +214,17 @@ def _paired(times, num, den):
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
-def _subprocess(args, mode, classes, steps):
+def _subprocess(args, mode, classes, steps, variants=None, tree=ROOT):
+    """One worker process; ``tree`` is the checkout whose ``partialfc`` it imports."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--classes", str(classes),
            "--device", args.device, "--batch", str(args.batch), "--dim", str(args.dim), "--rate", str(args.rate),
            "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--variants", *args.variants]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+           "--variants", *(variants or args.variants)]
+    env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # Same environment for every variant. On a machine shared with other jobs, OpenMP threads that spin at
     # barriers steal the core from a descheduled peer; passive waiting avoids that (an explicit
     # OMP_WAIT_POLICY wins). The head puts its table, momentum and workspace on transparent huge pages by
-    # itself (partialfc.ops.empty_huge); --thp lets torch's CPU allocator do so for every large tensor of
+    # itself (partialfc.ops.cpu); --thp lets torch's CPU allocator do so for every large tensor of
     # every variant (the dense baseline's own table, gradient and momentum included).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.thp:
@@ -222,6 +233,19 @@ def _subprocess(args, mode, classes, steps):
     if proc.returncode != 0:
         raise SystemExit(f"{mode} at {classes} classes failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _compare_trees(args, classes):
+    """This tree's fused step against ``--baseline-tree``'s: ``--rounds`` worker processes of each, in turn
+    (this, baseline, this, ...), so that a change of the machine's load hits both alike."""
+    trees = {"this tree": ROOT, "baseline": os.path.abspath(args.baseline_tree)}
+    times = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            times[name] += _subprocess(args, "interleaved", classes, args.steps, ["fused"], tree)["times"]["fused"]
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"  fused, this tree {medians['this tree'] * 1e3:.1f} ms, baseline tree {medians['baseline'] * 1e3:.1f} ms "
+          f"({len(times['baseline'])} steps each): this / baseline = {medians['this tree'] / medians['baseline']:.3f}x")
 
 
 def main(argv=None):
@@ -235,11 +259,16 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=3, help="steps of each variant's memory run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + tuple(MECHANISMS))
+    parser.add_argument("--mechanisms", action="store_true",
+                        help="CPU: also run the fused step without each mechanism of partialfc.ops.cpu")
+    parser.add_argument("--baseline-tree", help="another checkout (its extension built): its fused step is "
+                        "timed against this tree's in alternating processes, --rounds of each")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per tree for --baseline-tree")
     parser.add_argument("--thp", action="store_true",
                         help="THP_MEM_ALLOC_ENABLE=1 for every variant (CPU): huge pages for all large torch tensors")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--worker", choices=VARIANTS + ("interleaved",), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=VARIANTS + tuple(MECHANISMS) + ("interleaved",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.batch = args.batch or (512 if gpu else 128)
@@ -247,6 +276,8 @@ def main(argv=None):
         args.variant, args.classes = args.worker, args.classes[0]
         return _interleaved(args) if args.worker == "interleaved" else _worker(args)
     classes_list = args.classes or ([1_000_000, 10_000_000] if gpu else [100_000, 1_000_000])
+    if args.mechanisms and not gpu:
+        args.variants = list(dict.fromkeys(list(args.variants) + ["fused", *MECHANISMS]))
 
     print(f"head step: D={args.dim} B={args.batch} r={args.rate} device={args.device} "
           f"(median of {args.steps} steps after {args.warmup} warm-up steps; "
@@ -265,16 +296,18 @@ def main(argv=None):
             row[v]["times_s"] = times[v]
         results.extend(row.values())
         print(f"\n{classes:,} classes (S = {int(args.rate * classes):,} sampled)")
-        print(f"  {'variant':<10} {'median ms':>10} {'alone ms':>9} {'peak extra MiB':>15}")
+        print(f"  {'variant':<16} {'median ms':>10} {'alone ms':>9} {'peak extra MiB':>15}")
         for v, r in row.items():
-            print(f"  {v:<10} {r['median_s'] * 1e3:>10.1f} {r['alone_median_s'] * 1e3:>9.1f} "
+            print(f"  {v:<16} {r['median_s'] * 1e3:>10.1f} {r['alone_median_s'] * 1e3:>9.1f} "
                   f"{r['peak_extra_bytes'] / 2 ** 20:>15.0f}")
         # Ratio of the medians, and the median of the per-step ratios of back-to-back steps (paired).
-        for num, den, name in (("dense", "fused", "dense / fused     "), ("reference", "fused", "reference / fused "),
-                               ("fused", "gemm", "fused / gemm floor")):
+        pairs = [("dense", "fused"), ("reference", "fused"), ("fused", "gemm")] + [(m, "fused") for m in MECHANISMS]
+        for num, den in pairs:
             if num in row and den in row:
-                print(f"  {name} = {row[num]['median_s'] / row[den]['median_s']:.2f}x "
-                      f"(paired {_paired(times, num, den):.2f}x)")
+                print(f"  {num + ' / ' + den:<24} = {row[num]['median_s'] / row[den]['median_s']:.3f}x "
+                      f"(paired {_paired(times, num, den):.3f}x)")
+        if args.baseline_tree:
+            _compare_trees(args, classes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=args.device, batch=args.batch, dim=args.dim, rate=args.rate, results=results), f,

@@ -56,7 +56,7 @@ def compiled_to_tensor():
     if _image_op is _UNRESOLVED:
         op = fast = None
         try:
-            from .. import _ext
+            from ..ops import extension as _ext
             if _ext.enabled() and hasattr(torch.ops.partialfc, "image_to_tensor"):
                 op = torch.ops.partialfc.image_to_tensor.default
                 # the overload's underlying builtin: the same call without a Python frame per sample

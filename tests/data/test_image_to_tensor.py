@@ -169,7 +169,7 @@ def test_disable_env_selects_numpy():
 
 
 def _decoded_entry():
-    from partialfc import _ext
+    from partialfc.ops import extension as _ext
     return getattr(_ext._C, "decoded_image_to_tensor")
 
 

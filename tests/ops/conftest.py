@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from partialfc import _ext
+from partialfc.ops import extension as _ext
 
 ON_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 

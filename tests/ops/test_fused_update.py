@@ -1,9 +1,10 @@
-"""The update with the normalize backward folded in (``normalize_backward_sgd_update``), the head's deferred
-gradient of the sampled rows that feeds it, and the huge-page allocation of the head's large tensors."""
+"""The update with the normalize backward folded in (``normalize_backward_sgd_update``), the head's
+``CenterGrad`` that feeds it, and the huge-page allocation of the CPU table's large tensors."""
 import pytest
 import torch
 
 from partialfc import ops
+from partialfc.ops import cpu
 from partialfc.head import PartialFC, SparseSGD
 
 from ops_testutil import TOL, noncontiguous_like
@@ -90,28 +91,30 @@ def batches(steps, batch=24, seed=5):
             for _ in range(steps)]
 
 
-def train(materialize, steps=3, loss_scale=1.0, dtype=None):
-    """``materialize``: read ``sampled_rows.grad`` before each step (the trainer's non-finite check does)."""
+def train(plain, steps=3, loss_scale=1.0, dtype=None):
+    """``plain``: instead of ``SparseSGD.step`` (the fused normalize-backward update), apply the raw rows'
+    gradient ``center_grad.rows()`` with the reference SGD update."""
     pfc, opt = make_head()
-    deferred = []
     for x, y in batches(steps):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             loss = pfc(x.requires_grad_(), y)
         (loss * loss_scale).backward()
-        deferred.append(pfc._pending_grad is not None)
-        if materialize:
-            assert pfc.sampled_rows.grad is not None
-            assert pfc._pending_grad is None
-        opt.step(grad_scale=loss_scale)
+        if plain:
+            group = opt.param_groups[0]
+            ops.sparse_sgd_update_ref(pfc.weight.data, opt.momentum_buffer(), pfc.sampled_index,
+                                      pfc.center_grad.rows() / loss_scale, group["lr"], group["momentum"],
+                                      group["weight_decay"])
+        else:
+            opt.step(grad_scale=loss_scale)
         opt.zero_grad()
-    return pfc.weight.detach().clone(), opt.momentum_buffer().clone(), deferred
+    return pfc.weight.detach().clone(), opt.momentum_buffer().clone()
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_deferred_update_equals_materialized_update(dtype):
-    w_fused, m_fused, deferred = train(False, dtype=dtype)
-    w_plain, m_plain, _ = train(True, dtype=dtype)
-    assert all(deferred)  # the fused update really ran
+def test_fused_update_equals_plain_update(dtype):
+    assert isinstance(make_head()[0].ops, ops.CompiledOps)  # the fused update really runs
+    w_fused, m_fused = train(False, dtype=dtype)
+    w_plain, m_plain = train(True, dtype=dtype)
     w_scale, m_scale = float(w_plain.abs().max()), float(m_plain.abs().max())
     if dtype is None:
         torch.testing.assert_close(w_fused, w_plain, atol=1e-6 * w_scale, rtol=1e-5)
@@ -123,65 +126,32 @@ def test_deferred_update_equals_materialized_update(dtype):
         torch.testing.assert_close(m_fused, m_plain, atol=2e-2 * m_scale, rtol=5e-2)
 
 
-def test_small_products_are_formed_in_the_backward():
-    pfc, _ = make_head()  # 120 x 32 floats: far below MIN_FACTORED_BYTES
-    (x, y), = batches(1)
-    pfc(x.requires_grad_(), y).backward()
-    assert pfc._pending_grad.grad_centers is not None and pfc._pending_grad.grad_logits is None
-
-
-@pytest.mark.parametrize("block_rows", [7, 2048])
-def test_factored_gradient_over_blocks_equals_materialized(monkeypatch, block_rows):
-    """In float32 the deferred gradient is kept as grad_logits^T @ features and formed block by block in the
-    optimizer step; with blocks of 7 rows (120 sampled rows: 18 blocks, the last partial) the weights and
-    momentum equal those of the materialized gradient's plain update."""
-    from partialfc.head import partial_fc
-    monkeypatch.setattr(partial_fc._PendingRowGrad, "BLOCK_ROWS", block_rows)
-    monkeypatch.setattr(partial_fc._PendingRowGrad, "MIN_FACTORED_BYTES", 0)  # factored at any size
+def test_center_grad_finiteness_check():
     pfc, _ = make_head()
     (x, y), = batches(1)
     pfc(x.requires_grad_(), y).backward()
-    pending = pfc._pending_grad
-    assert pending.grad_centers is None and pending.grad_logits is not None  # the factored form
-    w_fused, m_fused, _ = train(False)
-    w_plain, m_plain, _ = train(True)
-    torch.testing.assert_close(w_fused, w_plain, atol=1e-6 * float(w_plain.abs().max()), rtol=1e-5)
-    torch.testing.assert_close(m_fused, m_plain, atol=1e-5 * float(m_plain.abs().max()), rtol=1e-4)
-    # a loss scale (fp16 GradScaler) is divided out inside the blocked update as well
-    w_scaled, m_scaled, _ = train(False, loss_scale=256.0)
-    torch.testing.assert_close(w_scaled, w_plain, atol=1e-6 * float(w_plain.abs().max()), rtol=1e-5)
-    torch.testing.assert_close(m_scaled, m_plain, atol=1e-5 * float(m_plain.abs().max()), rtol=1e-4)
+    assert pfc.center_grad.is_finite()
+    pfc.center_grad.normalized_grad[3, 5] = float("inf")
+    assert not pfc.center_grad.is_finite()
+    assert not torch.isfinite(pfc.center_grad.rows()).all()  # and the raw rows' gradient agrees
 
 
-def test_factored_gradient_finiteness_check(monkeypatch):
-    from partialfc.head import partial_fc
-    monkeypatch.setattr(partial_fc._PendingRowGrad, "MIN_FACTORED_BYTES", 0)
-    pfc, _ = make_head()
-    (x, y), = batches(1)
-    pfc(x.requires_grad_(), y).backward()
-    assert pfc._pending_grad.grad_logits is not None
-    assert pfc.center_grad_is_finite() and pfc._pending_grad is not None  # checked without materializing
-    pfc._pending_grad.grad_logits[3, 5] = float("inf")
-    assert not pfc.center_grad_is_finite()
-    assert not torch.isfinite(pfc.sampled_rows.grad).all()  # and the materialized rows agree
-
-
-def test_deferred_update_with_loss_scale():
-    w_scaled, m_scaled, _ = train(False, loss_scale=256.0)
-    w_plain, m_plain, _ = train(False)
+def test_fused_update_with_loss_scale():
+    w_scaled, m_scaled = train(False, loss_scale=256.0)
+    w_plain, m_plain = train(False)
     torch.testing.assert_close(w_scaled, w_plain, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(m_scaled, m_plain, atol=1e-5, rtol=1e-5)
 
 
-def test_deferred_matches_reference_path():
-    """The fused-update head against the pure-PyTorch reference head (same classes sampled)."""
+def test_fused_matches_reference_path():
+    """The compiled head against the pure-PyTorch reference head (same classes sampled)."""
     out = []
     for use_ext in (True, False):
         pfc = PartialFC(32, 400, sample_rate=1.0, margin=ARCFACE, use_ext=use_ext)
+        assert isinstance(pfc.ops, ops.CompiledOps if use_ext else ops.ReferenceOps)
         opt = SparseSGD(pfc, lr=0.2, momentum=0.9, weight_decay=5e-4)
         for x, y in batches(3):
             pfc(x, y).backward()
-            assert (pfc._pending_grad is not None) == use_ext
             opt.step()
             opt.zero_grad()
         out.append(pfc.weight.detach().clone())
@@ -194,50 +164,49 @@ def test_grad_readable_after_fused_step_and_second_step_reapplies():
     b, opt_b = make_head()
     a(x, y).backward()
     b(x, y).backward()
-    grad_b = b.sampled_rows.grad.clone()  # materialized before the step
+    grad_b = b.center_grad.rows()  # before the step
+    momentum_b = opt_b.momentum_buffer()
     opt_a.step()  # fused
-    opt_b.step()  # plain
-    torch.testing.assert_close(a.sampled_rows.grad, grad_b, atol=1e-6, rtol=1e-5)  # still readable
+    group = opt_b.param_groups[0]
+    plain = (group["lr"], group["momentum"], group["weight_decay"])
+    ops.sparse_sgd_update_ref(b.weight.data, momentum_b, b.sampled_index, grad_b, *plain)  # plain
+    torch.testing.assert_close(a.center_grad.rows(), grad_b, atol=1e-6, rtol=1e-5)  # still readable
     torch.testing.assert_close(a.weight, b.weight, atol=1e-7, rtol=1e-5)
     opt_a.step()  # no new backward: the same gradient again, as torch optimizers do
-    opt_b.step()
+    ops.sparse_sgd_update_ref(b.weight.data, momentum_b, b.sampled_index, grad_b, *plain)
     torch.testing.assert_close(a.weight, b.weight, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(opt_a.momentum_buffer(), opt_b.momentum_buffer(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(opt_a.momentum_buffer(), momentum_b, atol=1e-6, rtol=1e-5)
 
 
-def test_zero_grad_discards_deferred_gradient():
+def test_zero_grad_discards_the_center_gradient():
     pfc, opt = make_head()
     before = pfc.weight.detach().clone()
     (x, y), = batches(1)
     pfc(x, y).backward()
-    assert pfc._pending_grad is not None
+    assert pfc.center_grad.rows() is not None
     opt.zero_grad()
-    assert pfc.sampled_rows.grad is None
+    assert pfc.center_grad.rows() is None
     opt.step()
     assert torch.equal(pfc.weight, before)
 
 
-def test_accumulation_keeps_gradient_rows():
-    """hold_sample (micro-batches): rows are materialized each backward and add up; equal to one big batch."""
+@pytest.mark.parametrize("use_ext", [True, False])
+def test_accumulation_equals_one_big_batch(use_ext):
+    """hold_sample (micro-batches): the center gradients add up; the update equals one big batch's."""
     (x, y), = batches(1, batch=24)
-    big, opt_big = make_head()
+    big = PartialFC(32, 400, sample_rate=0.3, margin=ARCFACE, seed=3, use_ext=use_ext)
+    opt_big = SparseSGD(big, lr=0.2, momentum=0.9, weight_decay=5e-4)
     big(x, y).backward()
     opt_big.step()
-    acc, opt_acc = make_head()
+    acc = PartialFC(32, 400, sample_rate=0.3, margin=ARCFACE, seed=3, use_ext=use_ext)
+    opt_acc = SparseSGD(acc, lr=0.2, momentum=0.9, weight_decay=5e-4)
     acc.hold_sample([y[:12], y[12:]])
     for part in (slice(0, 12), slice(12, 24)):
         (acc(x[part], y[part]) / 2).backward()
-        assert acc._pending_grad is None and acc.sampled_rows.grad is not None
+    torch.testing.assert_close(acc.center_grad.rows(), big.center_grad.rows(), atol=1e-6, rtol=1e-5)
     opt_acc.step()
     acc.hold_sample(None)
     torch.testing.assert_close(acc.weight, big.weight, atol=1e-6, rtol=1e-5)
-
-
-def test_reference_ops_never_defer():
-    pfc = PartialFC(32, 400, sample_rate=0.3, margin=ARCFACE, use_ext=False)
-    (x, y), = batches(1)
-    pfc(x, y).backward()
-    assert pfc._pending_grad is None and pfc.sampled_rows.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,9 +232,9 @@ def test_empty_huge_asks_for_huge_pages_on_large_tensors():
     # Whether Linux then backs the range with huge pages depends on how much contiguous memory is free at
     # fault time, so only the request is asserted: madvise accepted on the 2 MiB-aligned part of a large
     # fresh tensor, refused for small ones, and the memory usable as usual.
-    assert ops.advise_huge_pages(torch.empty(8 << 20))
-    assert not ops.advise_huge_pages(torch.empty(10))
-    t = ops.empty_huge((8 << 20,), torch.float32)
+    assert cpu.advise_huge_pages(torch.empty(8 << 20))
+    assert not cpu.advise_huge_pages(torch.empty(10))
+    t = cpu.empty_huge((8 << 20,), torch.float32)
     t.fill_(1.0)
     assert t.shape == (8 << 20,) and float(t.sum()) == float(8 << 20)
 

@@ -37,7 +37,7 @@ def run_steps(use_ext, steps=3, batch=16, dtype=None, device="cpu", **kw):
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
             loss = pfc(x, y)
         loss.backward()
-        out.append((loss.detach(), x.grad, pfc.sampled_index.clone(), pfc.sampled_rows.grad.clone()))
+        out.append((loss.detach(), x.grad, pfc.sampled_index.clone(), pfc.center_grad.rows()))
         opt.step()
         opt.zero_grad()
     return out, pfc.weight.detach().clone(), opt.momentum_buffer().clone()
@@ -90,10 +90,10 @@ def test_fused_head_matches_dense_softmax(device):
     logits = cos.clamp(-1, 1).scatter(1, y[:, None], target) * s
     dense_loss = F.cross_entropy(logits, y)
     dense_loss.backward()
-    assert pfc.sampled_rows.grad.dtype == torch.float64
+    assert pfc.center_grad.rows().dtype == torch.float64
     torch.testing.assert_close(loss, dense_loss, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(x.grad, xd.grad, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(pfc.sampled_rows.grad, w.grad[pfc.sampled_index], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(pfc.center_grad.rows(), w.grad[pfc.sampled_index], atol=1e-9, rtol=1e-9)
 
 
 class _RecordShapes(TorchDispatchMode):
@@ -132,7 +132,7 @@ def test_no_dense_gradient_at_large_num_local(use_ext):
     if use_ext:
         # Steady state of the fused path: every [S, D] / [B, S] storage is one of the reused workspace buffers.
         num_sample = pfc.num_sample
-        owned = {buf.untyped_storage().data_ptr() for buf in pfc._workspace.buffers.values()}
+        owned = {buf.untyped_storage().data_ptr() for buf in pfc.ops.buffers.values()}
         large = [(f, shape, ptr) for f, shape, ptr, nbytes in produced if nbytes >= num_sample * dim * 4 // 2]
         assert large and all(ptr in owned for _, _, ptr in large), large
 
@@ -153,13 +153,12 @@ def test_disable_env_forces_reference(monkeypatch):
 
     monkeypatch.setenv("PARTIALFC_DISABLE_EXT", "1")
     monkeypatch.setattr(torch.ops.partialfc, "gather_normalize_out", boom, raising=False)
-    monkeypatch.setattr(ops, "sample_classes_fused", boom)
-    pfc, opt = make_head(True, rate=0.5)
-    pfc.sample = lambda labels: ops.sample_classes(labels, pfc.class_start, pfc.num_local, pfc.num_sample,
-                                                   pfc.sampler)
+    monkeypatch.setattr(ops.CompiledOps, "sample_classes", boom)
+    pfc = PartialFC(32, 300, sample_rate=0.5, margin=ARCFACE, use_ext=True)
+    opt = SparseSGD(pfc, lr=0.2, momentum=0.9, weight_decay=5e-4)
+    assert isinstance(pfc.ops, ops.ReferenceOps)
     pfc(torch.randn(8, 32, requires_grad=True), torch.randint(0, 300, (8,))).backward()
     opt.step()
-    assert not pfc._workspace.buffers
 
 
 def test_missing_extension_warns_once_and_trains():
@@ -174,7 +173,8 @@ sys.meta_path.insert(0, Block())
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import torch
-    from partialfc import ops, _ext
+    from partialfc import ops
+    from partialfc.ops import extension as _ext
     from partialfc.head import PartialFC, SparseSGD
     import partialfc.head.partial_fc
 pfc = PartialFC(8, 40, sample_rate=0.5)
@@ -184,7 +184,7 @@ opt.step()
 ours = [w for w in caught if "partialfc._C" in str(w.message)]
 assert len(ours) == 1, [str(w.message) for w in caught]
 assert "simulated: libfoo.so" in str(ours[0].message), ours[0].message
-assert not _ext.available() and not ops.use_fused("cpu")
+assert not _ext.available() and isinstance(pfc.ops, ops.ReferenceOps)
 print("OK")
 """
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -100,13 +100,13 @@ def test_negatives_uniform(device, num_local, num_sample):
     assert abs(z) < 4.0, f"chi2={chi2:.1f} for {dof} degrees of freedom"
 
 
-def test_wrapper_uses_generator():
+def test_compiled_table_draws_its_seed_from_the_generator():
     labels = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(0))
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    a = ops.sample_classes_fused(labels, 0, 1000, 100, g1)
-    b = ops.sample_classes_fused(labels, 0, 1000, 100, g2)
+    a = ops.CompiledOps.sample_classes(labels, 0, 1000, 100, g1)
+    b = ops.CompiledOps.sample_classes(labels, 0, 1000, 100, g2)
     assert torch.equal(a[0], b[0])
-    c = ops.sample_classes_fused(labels, 0, 1000, 100, g1)  # the generator advanced
+    c = ops.CompiledOps.sample_classes(labels, 0, 1000, 100, g1)  # the generator advanced
     assert not torch.equal(a[0], c[0])
     # Same contract as the reference on the same inputs.
     ref_index, ref_remapped = sample_classes_ref(labels, 0, 1000, 100, torch.Generator().manual_seed(5))

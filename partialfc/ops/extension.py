@@ -11,10 +11,12 @@ import warnings
 
 import torch
 
+from .dtypes import accumulation_dtype
+
 _C = None
 LOAD_ERROR = None
 try:
-    from . import _C
+    from .. import _C
 except Exception as exc:  # ImportError (not built), OSError (ABI / missing library), ...
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
@@ -52,10 +54,6 @@ if _C is None and not disabled_by_env():
                   stacklevel=2)
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 if _C is not None:
     lib = "partialfc::"
 
@@ -70,7 +68,7 @@ if _C is not None:
     @torch.library.register_fake(lib + "gather_normalize")
     def _gather_normalize_fake(weight, index, out_dtype):
         return (weight.new_empty((index.shape[0], weight.shape[1]), dtype=out_dtype),
-                weight.new_empty((index.shape[0],), dtype=_acc_dtype(weight.dtype)))
+                weight.new_empty((index.shape[0],), dtype=accumulation_dtype(weight.dtype)))
 
     @torch.library.register_fake(lib + "gather_normalize_out")
     def _gather_normalize_out_fake(weight, index, out, inv_norm):

@@ -1,8 +1,9 @@
-"""The Partial FC ops: pure-PyTorch references, and the dispatch to the compiled ``partialfc._C`` kernels.
+"""The reference ops: the semantics of every Partial FC op, in plain PyTorch.
 
-Every op here has a reference implementation written with plain tensor operations. The references define
-the semantics: the compiled kernels are tested against them, and they run whenever the extension is not
-built (or ``PARTIALFC_DISABLE_EXT=1``).
+The compiled kernels of ``partialfc._C`` are tested against these functions, and the reference op table
+(``partialfc.ops.op_table(device, use_ext=False)``) runs the head on them. Each op that the compiled
+extension offers in an ``_out`` or in-place form has the same form here, so that the head's step is one
+code over either table.
 
 Shapes: B = global batch, S = sampled classes on this rank, D = embedding size, C = ``num_local``.
 
@@ -14,11 +15,11 @@ The margin. For a target cosine ``t = cos(theta)`` the margin logit is
 and every logit is then multiplied by ``s``. The backward uses the exact derivative
 ``df/dt = m1 * sin(m1 * theta + m2) / sin(theta)`` (1 in the fallback branch, and exactly 1 for CosFace).
 """
-import ctypes
 import math
-import sys
 
 import torch
+
+from .dtypes import accumulation_dtype
 
 # ---------------------------------------------------------------------------------------------------------
 # Sampling
@@ -82,16 +83,20 @@ def remap_labels(labels, class_start, num_local, index):
 # Gather + normalize of the sampled class centers
 
 
-def _acc_dtype(dtype):
-    return torch.promote_types(dtype, torch.float32)
-
-
 def gather_normalize_ref(weight, index, out_dtype=None):
     """``(W[index] / ||W[index]||) [S, D]`` in ``out_dtype``, and the inverse norms ``[S]`` for backward."""
-    rows = weight.index_select(0, index).to(_acc_dtype(weight.dtype))  # [S, D]
+    rows = weight.index_select(0, index).to(accumulation_dtype(weight.dtype))  # [S, D]
     inv_norm = rows.norm(dim=1).clamp_min(1e-12).reciprocal()  # [S]
     normalized = (rows * inv_norm[:, None]).to(out_dtype or weight.dtype)
     return normalized, inv_norm
+
+
+def gather_normalize_out_ref(weight, index, out, inv_norm):
+    """``gather_normalize_ref`` into preallocated ``out`` [S, D] (its dtype is the output dtype) and
+    ``inv_norm`` [S]."""
+    normalized, norms = gather_normalize_ref(weight, index, out.dtype)
+    out.copy_(normalized)
+    inv_norm.copy_(norms)
 
 
 def gather_normalize_backward_ref(grad_normalized, normalized, inv_norm):
@@ -100,6 +105,11 @@ def gather_normalize_backward_ref(grad_normalized, normalized, inv_norm):
     g = grad_normalized.to(acc)
     n = normalized.to(acc)
     return (g - n * (g * n).sum(dim=1, keepdim=True)) * inv_norm[:, None]
+
+
+def gather_normalize_backward_out_ref(grad_normalized, normalized, inv_norm, out):
+    """``gather_normalize_backward_ref`` into ``out`` [S, D] (which may be ``grad_normalized`` itself)."""
+    out.copy_(gather_normalize_backward_ref(grad_normalized, normalized, inv_norm))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,177 +212,3 @@ def normalize_backward_sgd_update_ref(weight, momentum_buffer, index, grad_norma
     if grad_scale != 1.0:
         rows = rows / grad_scale
     sparse_sgd_update_ref(weight, momentum_buffer, index, rows, lr, momentum, weight_decay)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Dispatch: the compiled kernels when ``partialfc._C`` is built, the references otherwise.
-#
-# The ``*_fused`` functions call ``torch.ops.partialfc`` directly (same signatures and results as the
-# references, up to float rounding; the sampler draws from its own seeded generator, so its negatives differ).
-# The unsuffixed names pick the kernels when the extension is loaded, not disabled by PARTIALFC_DISABLE_EXT,
-# and has kernels for the tensors' device; otherwise the references.
-
-from . import _ext  # noqa: E402  (loads partialfc._C, registers fake kernels and autograd)
-
-
-def _draw_seed(generator):
-    """One 62-bit seed for the compiled sampler, drawn from ``generator`` (or the default generator)."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2 ** 62, (), generator=generator, device=device))
-
-
-def sample_classes_fused(labels, class_start, num_local, num_sample, generator=None):
-    return torch.ops.partialfc.sample_classes(labels, int(class_start), int(num_local), int(num_sample),
-                                              _draw_seed(generator))
-
-
-def gather_normalize_fused(weight, index, out_dtype=None):
-    return torch.ops.partialfc.gather_normalize(weight, index, out_dtype or weight.dtype)
-
-
-def gather_normalize_backward_fused(grad_normalized, normalized, inv_norm):
-    return torch.ops.partialfc.gather_normalize_backward(grad_normalized.to(normalized.dtype), normalized, inv_norm)
-
-
-def margin_softmax_forward_fused(logits, labels, s, m1, m2, m3, filter_threshold=0.0):
-    return torch.ops.partialfc.margin_softmax_forward(logits, labels, float(s), float(m1), float(m2), float(m3),
-                                                      float(filter_threshold or 0.0))
-
-
-def margin_softmax_backward_fused(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                                  grad_scale, filter_threshold=0.0):
-    torch.ops.partialfc.margin_softmax_backward(logits, labels, global_max, global_sum_exp, target_cos, float(s),
-                                                float(m1), float(m2), float(m3), float(grad_scale),
-                                                float(filter_threshold or 0.0))
-    return logits
-
-
-def sparse_sgd_update_fused(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
-    torch.ops.partialfc.sparse_sgd_update(weight, momentum_buffer, index, grad_rows, float(lr), float(momentum),
-                                          float(weight_decay))
-
-
-def normalize_backward_sgd_update_fused(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
-                                        weight_decay, grad_scale=1.0):
-    torch.ops.partialfc.normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized, inv_norm,
-                                                      float(lr), float(momentum), float(weight_decay),
-                                                      float(grad_scale))
-
-
-def use_fused(device):
-    """True when the compiled kernels serve tensors on ``device`` (loaded, enabled, built for it)."""
-    return _ext.enabled() and _ext.supports(device)
-
-
-def sample_classes(labels, class_start, num_local, num_sample, generator=None):
-    impl = sample_classes_fused if use_fused(labels.device) else sample_classes_ref
-    return impl(labels, class_start, num_local, num_sample, generator)
-
-
-def gather_normalize(weight, index, out_dtype=None):
-    impl = gather_normalize_fused if use_fused(weight.device) else gather_normalize_ref
-    return impl(weight, index, out_dtype)
-
-
-def gather_normalize_backward(grad_normalized, normalized, inv_norm):
-    impl = gather_normalize_backward_fused if use_fused(normalized.device) else gather_normalize_backward_ref
-    return impl(grad_normalized, normalized, inv_norm)
-
-
-def margin_softmax_forward(logits, labels, s, m1, m2, m3, filter_threshold=0.0):
-    impl = margin_softmax_forward_fused if use_fused(logits.device) else margin_softmax_forward_ref
-    return impl(logits, labels, s, m1, m2, m3, filter_threshold)
-
-
-def margin_softmax_backward(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3, grad_scale,
-                            filter_threshold=0.0):
-    impl = margin_softmax_backward_fused if use_fused(logits.device) else margin_softmax_backward_ref
-    return impl(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3, grad_scale, filter_threshold)
-
-
-def sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
-    impl = sparse_sgd_update_fused if use_fused(weight.device) else sparse_sgd_update_ref
-    return impl(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay)
-
-
-def fused_update_available(device):
-    """True when ``normalize_backward_sgd_update`` has a compiled kernel for ``device`` (CPU only)."""
-    return use_fused(device) and torch.device(device).type == "cpu" and hasattr(
-        torch.ops.partialfc, "normalize_backward_sgd_update")
-
-
-def normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
-                                  weight_decay, grad_scale=1.0):
-    impl = (normalize_backward_sgd_update_fused if fused_update_available(weight.device)
-            else normalize_backward_sgd_update_ref)
-    return impl(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum, weight_decay, grad_scale)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Transparent huge pages for the large CPU tensors of the head
-
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
-_libc = None
-
-
-def advise_huge_pages(tensor):
-    """Ask Linux to back the 2 MiB-aligned part of a CPU tensor's memory with transparent huge pages
-    (``madvise(MADV_HUGEPAGE)``); returns whether the kernel accepted. Pages already touched stay small
-    (until khugepaged merges them), so call it on a fresh ``torch.empty`` before filling it. No-op (False)
-    elsewhere, for tensors under 4 MiB, and when THP is disabled."""
-    global _libc
-    if tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
-        return False
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes < 2 * _HUGE_PAGE:
-        return False
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            _libc.madvise.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            _libc = False
-    if not _libc:
-        return False
-    start = tensor.data_ptr()
-    begin = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
-    end = (start + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    return end > begin and _libc.madvise(begin, end - begin, _MADV_HUGEPAGE) == 0
-
-
-def empty_huge(shape, dtype=torch.float32, device="cpu"):
-    """``torch.empty(shape)``, backed by transparent huge pages where the CPU and OS allow (see
-    ``advise_huge_pages``): the sampled rows of a multi-GB table are scattered, one 4 KiB page each, and
-    huge pages cut the TLB misses of gathering and updating them."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    advise_huge_pages(out)
-    return out
-
-
-class _Reference:
-    """The reference ops under the dispatching names (what ``implementation(False)`` returns)."""
-    sample_classes = staticmethod(sample_classes_ref)
-    gather_normalize = staticmethod(gather_normalize_ref)
-    gather_normalize_backward = staticmethod(gather_normalize_backward_ref)
-    margin_softmax_forward = staticmethod(margin_softmax_forward_ref)
-    margin_softmax_backward = staticmethod(margin_softmax_backward_ref)
-    sparse_sgd_update = staticmethod(sparse_sgd_update_ref)
-    normalize_backward_sgd_update = staticmethod(normalize_backward_sgd_update_ref)
-
-
-class _Dispatching:
-    """The dispatching ops (what ``implementation(True)`` returns)."""
-    sample_classes = staticmethod(sample_classes)
-    gather_normalize = staticmethod(gather_normalize)
-    gather_normalize_backward = staticmethod(gather_normalize_backward)
-    margin_softmax_forward = staticmethod(margin_softmax_forward)
-    margin_softmax_backward = staticmethod(margin_softmax_backward)
-    sparse_sgd_update = staticmethod(sparse_sgd_update)
-    normalize_backward_sgd_update = staticmethod(normalize_backward_sgd_update)
-
-
-def implementation(use_ext=True):
-    """The op set a caller should use: the dispatching ops, or the references when ``use_ext`` is false."""
-    return _Dispatching if use_ext else _Reference

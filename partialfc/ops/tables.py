@@ -1,0 +1,134 @@
+"""The op tables: the ops of one head step, for one device, on the compiled kernels or the references.
+
+The head runs one code (``partialfc.head.partial_fc``) over a table; the tables differ only in what runs
+underneath. Every table offers the same signatures, the ``_out`` and in-place forms of the compiled ops:
+
+    sample_classes(labels, class_start, num_local, num_sample, generator) -> (index [S], target [B])
+    gather_normalize_out(weight, index, out [S, D], inv_norm [S])
+    gather_normalize_backward_out(grad_normalized, normalized, inv_norm, out)
+    margin_softmax_forward(logits [B, S], target, s, m1, m2, m3, filter_threshold)     (in place)
+        -> (row_max, sum_exp, target_logit, target_cos), each [B]
+    margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
+                            grad_scale, filter_threshold)                               (in place)
+    sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay)
+    normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
+                                  weight_decay, grad_scale)
+
+and the memory of the step: ``empty(name, shape, dtype)`` for a scratch tensor of this step,
+``empty_logits(name, batch, num_sample, dtype)`` for a [B, S] logits tensor, ``empty_table(shape, dtype)``
+for the class-center table and its optimizer state, and ``mm_into(a, b, out)``. ``reuses_buffers`` says
+whether ``empty`` hands out the same memory step after step (then a backward must follow its own forward).
+"""
+import torch
+
+from . import extension, reference
+
+
+class OpTable:
+    """What every table shares: fresh tensors from the device's allocator."""
+
+    reuses_buffers = False
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.generation = 0  # forwards run on this table; a backward checks it when buffers are reused
+
+    def empty(self, name, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def empty_logits(self, name, batch, num_sample, dtype):
+        return self.empty(name, (batch, num_sample), dtype)
+
+    def empty_table(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    @staticmethod
+    def mm_into(a, b, out):
+        """``out = a @ b``; ``out`` may be the transpose of a contiguous buffer, which the GEMM then fills as
+        ``out^T = b^T @ a^T``."""
+        if out.is_contiguous():
+            return torch.mm(a, b, out=out)
+        torch.mm(b.t(), a.t(), out=out.t())
+        return out
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.device})"
+
+
+class ReferenceOps(OpTable):
+    """The pure-PyTorch references (``partialfc.ops.reference``): the semantics, on any device."""
+
+    sample_classes = staticmethod(reference.sample_classes_ref)
+    gather_normalize_out = staticmethod(reference.gather_normalize_out_ref)
+    gather_normalize_backward_out = staticmethod(reference.gather_normalize_backward_out_ref)
+    margin_softmax_forward = staticmethod(reference.margin_softmax_forward_ref)
+    margin_softmax_backward = staticmethod(reference.margin_softmax_backward_ref)
+    sparse_sgd_update = staticmethod(reference.sparse_sgd_update_ref)
+    normalize_backward_sgd_update = staticmethod(reference.normalize_backward_sgd_update_ref)
+
+
+class CompiledOps(OpTable):
+    """The kernels of ``partialfc._C`` (``torch.ops.partialfc``), on CPU or CUDA."""
+
+    @staticmethod
+    def sample_classes(labels, class_start, num_local, num_sample, generator=None):
+        # The kernel draws from its own seeded generator; the seed comes from the head's generator, so a
+        # run is reproducible and resumable through that generator's state.
+        device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device=device))
+        return torch.ops.partialfc.sample_classes(labels, int(class_start), int(num_local), int(num_sample), seed)
+
+    @staticmethod
+    def gather_normalize_out(weight, index, out, inv_norm):
+        torch.ops.partialfc.gather_normalize_out(weight, index, out, inv_norm)
+
+    @staticmethod
+    def gather_normalize_backward_out(grad_normalized, normalized, inv_norm, out):
+        torch.ops.partialfc.gather_normalize_backward_out(grad_normalized.to(normalized.dtype), normalized,
+                                                          inv_norm, out)
+
+    @staticmethod
+    def margin_softmax_forward(logits, target, s, m1, m2, m3, filter_threshold=0.0):
+        return torch.ops.partialfc.margin_softmax_forward(logits, target, float(s), float(m1), float(m2),
+                                                          float(m3), float(filter_threshold))
+
+    @staticmethod
+    def margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3, grad_scale,
+                                filter_threshold=0.0):
+        torch.ops.partialfc.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, float(s),
+                                                    float(m1), float(m2), float(m3), float(grad_scale),
+                                                    float(filter_threshold))
+        return logits
+
+    @staticmethod
+    def sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
+        torch.ops.partialfc.sparse_sgd_update(weight, momentum_buffer, index, grad_rows, float(lr), float(momentum),
+                                              float(weight_decay))
+
+    def normalize_backward_sgd_update(self, weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
+                                      weight_decay, grad_scale=1.0):
+        if self.device.type == "cpu":
+            torch.ops.partialfc.normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized,
+                                                              inv_norm, float(lr), float(momentum),
+                                                              float(weight_decay), float(grad_scale))
+            return
+        # No fused kernel on CUDA yet: the normalize backward, then the sparse update (same semantics).
+        normalized = weight.index_select(0, index).to(inv_norm.dtype) * inv_norm[:, None]  # [S, D]
+        rows = torch.empty_like(normalized)
+        self.gather_normalize_backward_out(grad_normalized, normalized, inv_norm, rows)
+        if grad_scale != 1.0:
+            rows.div_(grad_scale)
+        self.sparse_sgd_update(weight, momentum_buffer, index, rows, lr, momentum, weight_decay)
+
+
+def op_table(device, use_ext=True):
+    """The table for tensors on ``device``: the compiled kernels when ``use_ext`` is true and the extension
+    is loaded, not disabled (``PARTIALFC_DISABLE_EXT=1``) and built for the device; else the references.
+    Each call gives a new table (a CPU table owns the buffers of one head)."""
+    device = torch.device(device)
+    if not (use_ext and extension.enabled() and extension.supports(device)):
+        return ReferenceOps(device)
+    if device.type == "cpu":
+        from .cpu import CpuCompiledOps
+        return CpuCompiledOps(device)
+    return CompiledOps(device)

@@ -22,7 +22,8 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-from partialfc.data.datasets import IndexedRecordDataset, _RecFile
+from partialfc.data.datasets import IndexedRecordDataset
+from partialfc.data.fast_reader import RecFile
 from partialfc.data.recordio import unpack
 from partialfc.tools import ToolError, run_cli
 
@@ -72,7 +73,7 @@ _WORKER = {}
 
 
 def _init_worker(rec_path):
-    _WORKER["file"] = _RecFile(rec_path)
+    _WORKER["file"] = RecFile(rec_path)
 
 
 def _write_identity(task):

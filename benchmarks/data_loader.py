@@ -174,11 +174,11 @@ def main():
                 pass
 
     def raw():
-        for _ in seq._records(spans):
+        for _ in seq.records(spans):
             pass
 
     def raw_copied():  # what the shuffle buffer does with each record: keep a copy
-        for _, _, rec in seq._records(spans):
+        for _, _, rec in seq.records(spans):
             bytes(rec)
 
     # bytes of the records the reader delivers: from each span's first record start to its last record's end

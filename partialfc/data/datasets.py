@@ -1,4 +1,4 @@
-"""Training datasets: indexed .rec, shuffled sequential .rec and image folder.
+"""Training datasets: indexed .rec, shuffled sequential .rec, image folder, synthetic and random.
 
 Every dataset yields ``(FloatTensor[3, 112, 112], int label)``: RGB normalized as ``(x - 127.5) / 127.5``,
 mirrored at random (a coin derived from the seed, the epoch and the sample, so runs repeat exactly).
@@ -11,12 +11,15 @@ Two .rec layouts are accepted:
   ``label=(first image key, end image key)``.
 * plain im2rec: every record is an image (scalar label, or ``flag>0`` labels whose first value is the
   class), no header record.
+
+The synthetic set (``SyntheticFaceDataset``, over the arrays ``partialfc.data.synthetic`` generates) and the
+I/O-free ``RandomFaceDataset`` follow the same contract (the synthetic one yields its label as a tensor).
+The RecordIO layout is ``partialfc.data.recordio``'s; descriptors and block reads are
+``partialfc.data.fast_reader``'s.
 """
 import logging
-import mmap
 import os
 import re
-import struct
 
 import cv2
 import numpy as np
@@ -24,12 +27,16 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from . import recordio
-from .recordio import RecordIOError, read_record_at, unpack
-from .transforms import CorruptCounter, CorruptImageError, FlipTable, decode_to_tensor, decoded_to_tensor
+from .fast_reader import FORK_GENERATION, RecFile, read_spans
+from .recordio import (FRAME_FLAG_LABEL, FRAME_SIZE, IR_FLAG_LABEL, IR_HEADER_SIZE, LABEL_VALUE, MAGIC,
+                       RecordIOError, header_label, parse_record, record_id, split_label, unpack)
+from .transforms import (CorruptCounter, CorruptImageError, FlipTable, decode_to_tensor, decoded_to_tensor,
+                         flip_bit)
 
 logger = logging.getLogger("partialfc.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+_HEAD_END = FRAME_SIZE + IR_HEADER_SIZE  # 32: where the image of a single-part record with a scalar label starts
 _ID_RE = re.compile(r"^(?:id_)?(\d+)$")
 
 
@@ -43,34 +50,19 @@ def check_label(label, num_classes, path, key):
                         f"(num_classes = {num_classes}); fix the data or set num_classes to cover it")
 
 
-def header_label(header):
-    label = header.label
-    if not np.isscalar(label):
-        label = label[0]
-    return int(label)
-
-
 def read_index(idx_path, rec_path):
     """The ``key<TAB>offset`` lines of ``idx_path`` as (list of int keys, int64 offsets array)."""
     if not os.path.isfile(idx_path):
         raise DataError(f"index file {idx_path!r} for RecordIO file {rec_path!r} does not exist; "
                         f"create it (python -m partialfc.tools.im2rec) or read the file sequentially "
                         f"with shuffled_rec=True")
-    keys, offsets = [], []
-    with open(idx_path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split("\t")
-            if len(parts) == 1 and not parts[0].strip():
-                continue
-            try:
-                keys.append(int(parts[0]))
-                offsets.append(int(parts[1]))
-            except (ValueError, IndexError):
-                raise DataError(f"malformed line {lineno} in index file {idx_path!r}: {line.rstrip()!r} "
-                                f"(expected 'key<TAB>offset')") from None
+    try:
+        keys, offsets = recordio.read_index(idx_path)
+    except RecordIOError as e:  # a malformed line: a data error of the training set
+        raise DataError(str(e)) from None
     offsets = np.asarray(offsets, dtype=np.int64)
     size = os.path.getsize(rec_path)
-    bad = np.flatnonzero((offsets < 0) | (offsets + 8 > size))
+    bad = np.flatnonzero((offsets < 0) | (offsets + FRAME_SIZE > size))
     if bad.size:
         i = int(bad[0])
         raise RecordIOError(f"index {idx_path!r} points past the end of {rec_path!r}: key {keys[i]}, "
@@ -87,66 +79,8 @@ def record_extents(offsets, all_offsets, file_size):
     return ends - offsets
 
 
-# A single-part record's frame plus the first two IRHeader fields: magic, lrec, flag, label.
-_FAST_HEAD = struct.Struct("<IIIf")
-_F32 = struct.Struct("<f")
-
-
-def parse_record(buf, size):
-    """``(label, payload memoryview)`` of the single-part record at the start of ``buf`` (``size`` bytes read),
-    or None when it needs the general reader (multi-part record, bad frame, short read)."""
-    if size < 32:
-        return None
-    magic, lrec, flag, label = _FAST_HEAD.unpack_from(buf)
-    start = 32 + 4 * flag
-    end = 8 + lrec  # lrec < 2**29 exactly when the continuation flag is 0
-    if magic != recordio.MAGIC or end > size or start > end:
-        return None
-    return (int(label) if flag == 0 else int(_F32.unpack_from(buf, 32)[0])), memoryview(buf)[start:end]
-
-
-# Bumped in every forked child, so that a descriptor is reopened once per process without a getpid()
-# system call per read.
-_FORK_GENERATION = [0]
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: _FORK_GENERATION.__setitem__(0, _FORK_GENERATION[0] + 1))
-
-
-class _RecFile:
-    """A lazily (re)opened read-only descriptor, one per process, for pread-based record access."""
-
-    def __init__(self, path):
-        self.path = path
-        self._fd = None
-        self._gen = None
-
-    @property
-    def fd(self):
-        if self._gen != _FORK_GENERATION[0] or self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self._gen = _FORK_GENERATION[0]
-        return self._fd
-
-    def __getstate__(self):
-        return {"path": self.path, "_fd": None, "_gen": None}
-
-    def record(self, offset, key=None, size_hint=8192):
-        return read_record_at(self.fd, int(offset), self.path, key, size_hint=max(int(size_hint), 8))
-
-    def header(self, offset, key=None):
-        """The IRHeader of the record at ``offset`` without reading its payload."""
-        head = os.pread(self.fd, 64, int(offset))
-        if len(head) >= 32:
-            magic, lrec = recordio._FRAME.unpack_from(head)
-            length = lrec & recordio._LEN_MASK
-            if magic == recordio.MAGIC and lrec >> 29 in (0, 1) and length >= 24:
-                flag = recordio._IR_STRUCT.unpack_from(head, 8)[0]
-                if 24 + 4 * flag <= min(length, len(head) - 8):
-                    return unpack(head[8:8 + min(length, 56)])[0]
-        return unpack(self.record(offset, key))[0]
-
-
-def _is_header_record(header, payload):
+def is_header_record(header, payload):
+    """Whether a record is an insightface header or identity record: multi-value label, no image."""
     return header.flag > 0 and len(payload) == 0
 
 
@@ -175,7 +109,7 @@ class _Augmented:
         if table is None or table.epoch != self.epoch or table.seed != self.seed:
             self._flips = table = FlipTable(self.seed, self.epoch, getattr(self, "num_images", None) or len(self))
         if 0 <= index < table.size:  # FlipTable.__call__, inlined: this runs once per sample
-            block = table.blocks[index >> 16] or table._fill(index >> 16)
+            block = table.blocks[index >> 16] or table.fill(index >> 16)
             return (block[(index & 0xFFFF) >> 3] >> (index & 7)) & 1 == 1
         return table(index)
 
@@ -191,12 +125,12 @@ class IndexedRecordDataset(_Augmented, Dataset):
             raise DataError(f"RecordIO file {self.path!r} does not exist")
         self.idx_path = os.fspath(idx_path) if idx_path else os.path.splitext(self.path)[0] + ".idx"
         keys, offsets = read_index(self.idx_path, self.path)
-        self.file = _RecFile(self.path)
+        self.file = RecFile(self.path)
         pos = dict(zip(keys, range(len(keys))))
         self.layout = "plain"
         if 0 in pos:
             h0, payload0 = unpack(self.file.record(offsets[pos[0]], 0))
-            if _is_header_record(h0, payload0):
+            if is_header_record(h0, payload0):
                 self.layout = "insightface"
         if self.layout == "insightface":
             self._open_insightface(h0, keys, offsets, pos)
@@ -255,15 +189,17 @@ class IndexedRecordDataset(_Augmented, Dataset):
         # Fast path: one pread of the whole record (its extent is known from the .idx), the frame and the
         # header parsed in place, the JPEG decoded from a view of the read buffer.
         f = self.file
-        buf = os.pread(f._fd if f._gen == _FORK_GENERATION[0] else f.fd, self.extents.item(i), self.offsets.item(i))
-        if len(buf) > 32:
-            magic, lrec, flag, label = _FAST_HEAD.unpack_from(buf)
+        buf = os.pread(f.raw_fd if f.raw_gen == FORK_GENERATION[0] else f.fd, self.extents.item(i),
+                       self.offsets.item(i))
+        if len(buf) > _HEAD_END:
+            magic, lrec, flag, label = FRAME_FLAG_LABEL.unpack_from(buf)
             # flag 0: a scalar label; 32 < 8 + lrec <= len(buf): a whole single-part record with an IRHeader
             # and a non-empty payload
-            if magic == recordio.MAGIC and flag == 0 and 32 < 8 + lrec <= len(buf):
+            if magic == MAGIC and flag == 0 and _HEAD_END < FRAME_SIZE + lrec <= len(buf):
                 label = int(label)
                 if 0 <= label < self.num_classes:
-                    img = cv2.imdecode(np.frombuffer(buf, np.uint8, lrec - 24, 32), cv2.IMREAD_COLOR)
+                    img = cv2.imdecode(np.frombuffer(buf, np.uint8, lrec - IR_HEADER_SIZE, _HEAD_END),
+                                       cv2.IMREAD_COLOR)
                     if img is not None:
                         return decoded_to_tensor(img, self._flip(index)), label
         return self._getitem_checked(index)
@@ -354,7 +290,7 @@ class ImageFolderDataset(_Augmented, Dataset):
         raise DataError(f"no decodable image in {self.root!r}")
 
 
-def _sequential_offsets(path, idx_path):
+def sequential_offsets(path, idx_path):
     """Byte offsets (file order) of the image records of a .rec read front to back, their extents (bytes to
     the next record start), the labels known without reading payloads (None when they were not scanned) and
     the identity count of the insightface layout (else None)."""
@@ -366,28 +302,29 @@ def _sequential_offsets(path, idx_path):
         keys = [keys[i] for i in order]
         n_ids = None
         if len(offsets):
-            h0, p0 = unpack(_RecFile(path).record(offsets[0], keys[0]))
-            if _is_header_record(h0, p0):
+            h0, p0 = unpack(RecFile(path).record(offsets[0], keys[0]))
+            if is_header_record(h0, p0):
                 first_id = int(h0.label[0])
                 # insightface layout: image keys 1 .. first_id-1, identity records after them
                 keep = np.asarray([1 <= k < first_id for k in keys], dtype=bool)
                 offsets, n_ids = offsets[keep], int(h0.label[1]) - first_id
         return offsets, record_extents(offsets, all_offsets, size), None, n_ids
     starts, offsets, labels = [], [], []
-    for off, length, first in recordio.scan_records(path, header_bytes=28):
+    # the IRHeader and the first value of a one-value label
+    for off, length, first in recordio.scan_records(path, header_bytes=IR_HEADER_SIZE + LABEL_VALUE.size):
         starts.append(off)
-        h, rest = unpack(first) if len(first) >= 24 else (None, b"")
+        h, rest = unpack(first) if len(first) >= IR_HEADER_SIZE else (None, b"")
         if h is None:
             raise DataError(f"record at offset {off} of {path!r} is {length} bytes, shorter than an IRHeader")
-        if h.flag > 0 and length == 24 + 4 * h.flag:   # header or identity record: no image payload
+        if h.flag > 0 and length == IR_HEADER_SIZE + 4 * h.flag:   # header or identity record: no image payload
             continue
         offsets.append(off)
-        labels.append(int(h.label) if h.flag == 0 else int(np.frombuffer(first[24:28], np.float32)[0]))
+        labels.append(header_label(h))
     offsets = np.asarray(offsets, dtype=np.int64)
     return offsets, record_extents(offsets, starts, size), np.asarray(labels, dtype=np.int64), None
 
 
-def _read_property(folder):
+def read_property(folder):
     p = os.path.join(folder, "property")
     if os.path.isfile(p):
         with open(p) as f:
@@ -397,56 +334,6 @@ def _read_property(folder):
         except ValueError:
             raise DataError(f"malformed property file {p!r}: {text!r} (expected 'num_classes,112,112')") from None
     return None
-
-
-def _libc_mincore():
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.mincore
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-        return ctypes, fn
-    except (OSError, AttributeError, ImportError, TypeError):  # no C library to load (not a POSIX system)
-        return None, None
-
-
-_ctypes, _mincore = _libc_mincore()
-
-
-def _resident(mapped):
-    """Whether the first and the last page of the read-only ``mmap`` are in the page cache (``mincore``,
-    which starts no I/O); False where that cannot be told."""
-    if _mincore is None:
-        return False
-    n = len(mapped)
-    vec = np.zeros(1, np.uint8)
-    addr = np.frombuffer(mapped, np.uint8).ctypes.data  # a read-only mapping has no writable ctypes view
-    last = (n - 1) - (n - 1) % mmap.PAGESIZE
-    for page in (0, last):
-        if _mincore(addr + page, 1, vec.ctypes.data) != 0 or not vec[0] & 1:
-            return False
-    return True
-
-
-def _pread_into(fd, buf, size, offset):
-    """Read up to ``size`` bytes at ``offset`` into the start of ``buf``; returns the count (less only at EOF)."""
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        if _HAVE_PREADV:
-            n = os.preadv(fd, [view[got:size]], offset + got)
-        else:
-            data = os.pread(fd, size - got, offset + got)
-            n = len(data)
-            view[got:got + n] = data
-        if n <= 0:
-            break
-        got += n
-    return got
-
-
-_HAVE_PREADV = hasattr(os, "preadv")
 
 
 class SequentialRecordDataset(_Augmented, IterableDataset):
@@ -469,13 +356,13 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
             raise DataError(f"RecordIO file {self.path!r} does not exist")
         if idx_path is None:
             idx_path = os.path.splitext(self.path)[0] + ".idx"
-        self.offsets, self.extents, labels, n_ids = _sequential_offsets(self.path, idx_path)
+        self.offsets, self.extents, labels, n_ids = sequential_offsets(self.path, idx_path)
         self.num_images = len(self.offsets)
         if num_classes is None:
-            num_classes = _read_property(os.path.dirname(self.path)) or n_ids
+            num_classes = read_property(os.path.dirname(self.path)) or n_ids
             if num_classes is None:
                 if labels is None:
-                    labels = np.asarray([header_label(_RecFile(self.path).header(o)) for o in self.offsets])
+                    labels = np.asarray([header_label(RecFile(self.path).header(o)) for o in self.offsets])
                 num_classes = int(labels.max()) + 1 if len(labels) else 0
         self.num_classes = int(num_classes)
         if labels is not None and len(labels):
@@ -524,89 +411,11 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
                 break
         return spans
 
-    def _records(self, spans, window=8 << 20, read_window=1 << 20, use_mmap=True, keep=False):
-        """``(record index, offset, payload)`` of every record in ``spans``, read in large sequential blocks.
-
-        A block of whole records (about ``window`` bytes) whose pages are in the page cache (``mincore`` of
-        its first and last page) is mapped read-only with ``mmap``: no copy at all. Otherwise (the data is
-        still on disk, or the file cannot be mapped) the block is read in pieces of about ``read_window``
-        bytes with ``preadv`` into one reused buffer, which lets the kernel's read-ahead stream the file. The
-        frames of all records of a piece are checked at once with numpy, and each single-part record comes
-        out as a memoryview of the piece (no copy). A view is only guaranteed until the next record is
-        requested, so a caller that keeps a record copies it; a mapped block is unmapped when its last view
-        is released. With ``keep`` every record stays valid for as long as the caller holds it: views of a
-        mapped block (which then stays mapped until its last view is dropped), copies of what was read into
-        the reused buffer. Multi-part records and damaged frames go through the general reader (``bytes``, or
-        a ``RecordIOError`` naming the file and offset).
-        """
-        ends = self.offsets + self.extents
-        gran = mmap.ALLOCATIONGRANULARITY
-        block = None
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            file_size = os.fstat(fd).st_size
-            for start, stop in spans:
-                span_ends = ends[start:stop]
-                j = start
-                while j < stop:
-                    base = int(self.offsets[j])
-                    k = max(j + 1, start + int(np.searchsorted(span_ends, base + window, side="right")))
-                    size = int(ends[k - 1]) - base
-                    mapped = None
-                    if use_mmap and base + size <= file_size:
-                        lo = base - base % gran
-                        try:
-                            mapped = mmap.mmap(fd, base + size - lo, prot=mmap.PROT_READ, offset=lo)
-                        except (OSError, ValueError, TypeError):  # no mmap here (file system or OS): read
-                            use_mmap = False
-                        else:
-                            if not _resident(mapped):  # on disk: page faults would read 128 KiB at a time
-                                mapped.close()
-                                mapped = None
-                    if mapped is not None:
-                        yield from self._checked(fd, mapped, base - lo, size, j, k)
-                        del mapped
-                        j = k
-                        continue
-                    while j < k:  # read the block piece by piece
-                        base = int(self.offsets[j])
-                        kk = min(k, max(j + 1, start + int(np.searchsorted(span_ends, base + read_window,
-                                                                            side="right"))))
-                        want = int(ends[kk - 1]) - base
-                        if block is None or len(block) < want:
-                            block = bytearray(max(read_window, want))
-                        got = _pread_into(fd, block, want, base)
-                        yield from self._checked(fd, block, 0, got, j, kk, want, copy=keep)
-                        j = kk
-        finally:
-            os.close(fd)
-
-    def _checked(self, fd, buf, shift, got, j, k, want=None, copy=False):
-        """The records ``[j, k)`` held in ``buf`` from byte ``shift`` on (``got`` bytes of them, ``want``
-        expected): every frame checked at once, then memoryviews of the payloads (copies with ``copy``)."""
-        offsets, extents = self.offsets[j:k], self.extents[j:k]
-        rel = offsets - (int(offsets[0]) - shift)
-        if (want is None or got == want) and not (rel & 3).any():  # records are 4-byte aligned in RecordIO
-            words = np.frombuffer(buf, np.uint32, (shift + got) >> 2)
-            w = rel >> 2
-            magic, lrec = words[w], words[w + 1]
-            del words
-        else:  # odd offsets or a short read: gather the 8 frame bytes one by one
-            raw = np.frombuffer(buf, np.uint8, shift + got)
-            pos = np.minimum(rel[:, None] + np.arange(8), max(shift + got - 1, 0))
-            heads = raw[pos].copy().view(np.uint32) if got else np.zeros((k - j, 2), np.uint32)
-            magic, lrec = heads[:, 0], heads[:, 1]
-            del raw
-        stop_at = rel + 8 + lrec  # lrec >= 2**29 (a multi-part record) fails the next test
-        good = (magic == recordio.MAGIC) & (stop_at <= np.minimum(rel + extents, shift + got))
-        view = buf if copy else memoryview(buf)  # slicing a bytearray copies, slicing a memoryview does not
-        if good.all():
-            # the common case, with no Python bytecode per record: zip and map build the items
-            return zip(range(j, k), offsets.tolist(),
-                       map(view.__getitem__, map(slice, (rel + 8).tolist(), stop_at.tolist())))
-        # multi-part records and damaged frames: the general reader joins or reports them
-        return ((i, off, view[a:b] if ok else read_record_at(fd, off, self.path)) for i, off, a, b, ok in
-                zip(range(j, k), offsets.tolist(), (rel + 8).tolist(), stop_at.tolist(), good.tolist()))
+    def records(self, spans, window=8 << 20, read_window=1 << 20, use_mmap=True, keep=False):
+        """``(record index, offset, payload)`` of every record in ``spans``, read in large sequential blocks
+        (``partialfc.data.fast_reader.read_spans``: mapped when resident, else ``preadv`` into a reused buffer;
+        payloads are views valid until the next record unless ``keep``)."""
+        return read_spans(self.path, self.offsets, self.extents, spans, window, read_window, use_mmap, keep)
 
     def __iter__(self):
         info = get_worker_info()
@@ -621,7 +430,7 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
         # mapped while the buffer holds one of its records: about 7x the buffer's bytes of address space, in
         # page-cache pages the kernel can still reclaim); records read from disk into the reader's reused
         # buffer come as copies. Measured: 2-3 µs per image less than copying every record.
-        for item in self._records(spans, keep=True):
+        for item in self.records(spans, keep=True):
             if len(buf) < capacity:
                 buf.append(item)
                 continue
@@ -641,12 +450,13 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
 
     def _decode(self, item, buf, rng, last):
         i, off, rec = item
-        if len(rec) > 24:  # fast path: a scalar label in range and a decodable image
-            flag, label = _IR_HEAD.unpack_from(rec)
+        if len(rec) > IR_HEADER_SIZE:  # fast path: a scalar label in range and a decodable image
+            flag, label = IR_FLAG_LABEL.unpack_from(rec)
             if flag == 0:
                 label = int(label)
                 if 0 <= label < self.num_classes:
-                    img = cv2.imdecode(np.frombuffer(rec, np.uint8, len(rec) - 24, 24), cv2.IMREAD_COLOR)
+                    img = cv2.imdecode(np.frombuffer(rec, np.uint8, len(rec) - IR_HEADER_SIZE, IR_HEADER_SIZE),
+                                       cv2.IMREAD_COLOR)
                     if img is not None:
                         return decoded_to_tensor(img, self._flip(i)), label
         return self._decode_checked(item, buf, rng, last)
@@ -654,12 +464,12 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
     def _decode_checked(self, item, buf, rng, last):
         """``_decode`` off the fast path: multi-value labels, labels out of range, undecodable images."""
         i, off, rec = item
-        label, payload = _split_record(rec)
+        label, payload = split_label(rec)
         if not 0 <= label < self.num_classes:
-            check_label(label, self.num_classes, self.path, f"{_record_id(rec)} (offset {off})")
+            check_label(label, self.num_classes, self.path, f"{record_id(rec)} (offset {off})")
         try:
             return decode_to_tensor(payload, self._flip(i),
-                                    where=lambda: f"record key {_record_id(rec)} of {self.path!r} (offset {off})"), label
+                                    where=lambda: f"record key {record_id(rec)} of {self.path!r} (offset {off})"), label
         except CorruptImageError as e:
             if self.corrupt_images == "fail":
                 raise
@@ -668,7 +478,7 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
                 if not buf:
                     break
                 j = int(rng.integers(len(buf)))
-                label2, payload2 = _split_record(buf[j][2])
+                label2, payload2 = split_label(buf[j][2])
                 try:
                     return decode_to_tensor(payload2, self._flip(buf[j][0])), label2
                 except CorruptImageError:
@@ -678,21 +488,48 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
             raise
 
 
-_IR_HEAD = struct.Struct("<If")
-_IR_ID = struct.Struct("<Q")
+class SyntheticFaceDataset(Dataset):
+    """``(FloatTensor [3, 112, 112] in [-1, 1] RGB, int64 label tensor)`` over the synthetic training arrays
+    (``partialfc.data.synthetic.ensure_synthetic`` writes them): ``images_path`` uint8 [N, 112, 112, 3] RGB,
+    read memory-mapped, and ``labels_path`` int64 [N]."""
+
+    def __init__(self, images_path, labels_path, num_classes, seed=0, random_flip=True):
+        self.images = np.load(images_path, mmap_mode="r")
+        self.labels = np.load(labels_path)
+        self.num_classes = int(num_classes)
+        self.random_flip = random_flip
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = torch.from_numpy(np.array(self.images[i]))  # [112, 112, 3] uint8
+        # The flip is a function of (seed, epoch, index): the same in every worker and after a resume.
+        if self.random_flip and flip_bit(self.seed, self.epoch, i):
+            img = img.flip(1)
+        img = img.permute(2, 0, 1).float().sub_(127.5).div_(127.5)
+        return img, torch.tensor(int(self.labels[i]), dtype=torch.long)
 
 
-def _split_record(rec):
-    """``(class label, image bytes view)`` of a record's bytes (IRHeader + payload), as ``unpack`` +
-    ``header_label`` would give, without building the header."""
-    if len(rec) < 24:
-        unpack(rec)  # raises the RecordIOError naming the sizes
-    flag, label = _IR_HEAD.unpack_from(rec)
-    if flag == 0:
-        return int(label), memoryview(rec)[24:]
-    header, payload = unpack(rec)  # multi-value label: validates the label count
-    return header_label(header), payload
+class RandomFaceDataset(Dataset):
+    """``rec="random"``: one fixed random image and pseudo-random labels, for throughput runs without I/O
+    (like arcface_torch's synthetic speed benchmark)."""
 
+    def __init__(self, num_classes, num_image, seed=0):
+        if not num_classes or not num_image:
+            raise DataError("rec='random' needs num_classes and num_image in the config")
+        self.num_classes, self.num_images = int(num_classes), int(num_image)
+        gen = torch.Generator().manual_seed(int(seed))
+        self.image = torch.rand(3, 112, 112, generator=gen).mul_(2).sub_(1)
+        self.seed = int(seed)
 
-def _record_id(rec):
-    return _IR_ID.unpack_from(rec, 8)[0]
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        label = (index * 2654435761 + self.seed) % self.num_classes
+        return self.image, label

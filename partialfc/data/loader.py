@@ -10,6 +10,11 @@
 Every epoch the images are split into ``comm.size`` disjoint parts of equal length, each a whole number of
 ``config.batch_size`` batches (the remainder, fewer than ``size * batch_size`` images, sits out that epoch
 and differs from epoch to epoch). ``set_epoch(e)`` reorders deterministically from ``(config.seed, e)``.
+
+``config`` is a complete training config (``partialfc.config``: every key present, its defaults filled in);
+the keys read are ``rec``, ``shuffled_rec``, ``num_classes``, ``num_image``, ``batch_size``, ``num_workers``,
+``shuffle_buffer``, ``seed`` and ``corrupt_images``, plus the ``synthetic_*`` and ``data_root`` keys of the
+synthetic set.
 """
 import os
 
@@ -17,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .datasets import DataError, ImageFolderDataset, IndexedRecordDataset, SequentialRecordDataset
+from .datasets import (DataError, ImageFolderDataset, IndexedRecordDataset, RandomFaceDataset,
+                       SequentialRecordDataset, SyntheticFaceDataset)
 
 __all__ = ["build_train_loader", "val_bin_path", "TrainLoader", "ShardedSampler", "DataError"]
 
@@ -59,17 +65,18 @@ def collate(samples):
 
 
 class TrainLoader:
-    """Iterable of ``(images FloatTensor[b, 3, 112, 112], labels int64[b])`` for one rank."""
+    """Iterable of ``(images FloatTensor[b, 3, 112, 112], labels int64[b])`` for one rank.
 
-    def __init__(self, dataset, batch_size, num_workers, rank, size, seed, sampler=None, kind=""):
+    With a ``sampler`` the dataset is indexed through it; without one the dataset is iterable and shards
+    itself (``num_batches`` per epoch).
+    """
+
+    def __init__(self, dataset, batch_size, num_workers, sampler=None):
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.sampler = sampler
-        self.rank, self.size = rank, size
-        self.kind = kind
-        self.epoch = 0
         self.num_classes = int(dataset.num_classes)
-        self.num_images = int(getattr(dataset, "num_images", None) or _dataset_len(dataset))
+        self.num_images = int(getattr(dataset, "num_images", None) or len(dataset))
         kw = dict(batch_size=self.batch_size, num_workers=int(num_workers), drop_last=True,
                   pin_memory=torch.cuda.is_available(), collate_fn=collate)
         if int(num_workers) > 0:
@@ -82,7 +89,6 @@ class TrainLoader:
             self._len = dataset.num_batches
 
     def set_epoch(self, epoch):
-        self.epoch = int(epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
@@ -97,70 +103,33 @@ class TrainLoader:
             yield images, labels.long()
 
 
-class RandomFaceDataset(torch.utils.data.Dataset):
-    """``rec="random"``: one fixed random image and pseudo-random labels, for throughput runs without I/O
-    (like arcface_torch's synthetic speed benchmark)."""
-
-    def __init__(self, num_classes, num_image, seed=0):
-        if not num_classes or not num_image:
-            raise DataError("rec='random' needs num_classes and num_image in the config")
-        self.num_classes, self.num_images = int(num_classes), int(num_image)
-        gen = torch.Generator().manual_seed(int(seed))
-        self.image = torch.rand(3, 112, 112, generator=gen).mul_(2).sub_(1)
-        self.seed = int(seed)
-
-    def __len__(self):
-        return self.num_images
-
-    def __getitem__(self, index):
-        label = (index * 2654435761 + self.seed) % self.num_classes
-        return self.image, label
-
-
-def _dataset_len(dataset):
-    if isinstance(dataset, SequentialRecordDataset):
-        return dataset.num_images
-    return len(dataset)
-
-
-def _cfg(config, key, default=None):
-    try:
-        value = config[key]
-    except (KeyError, TypeError):
-        value = getattr(config, key, default)
-    return default if value is None else value
-
-
 def build_dataset(config, rank=0, size=1):
-    """The training dataset ``config.rec`` names, and its kind: "synthetic", "indexed", "sequential",
+    """The training dataset ``config.rec`` names, and its kind: "synthetic", "random", "indexed", "sequential",
     "folder"."""
-    rec = _cfg(config, "rec", "synthetic")
-    num_classes = _cfg(config, "num_classes")
-    seed = _cfg(config, "seed", 0)
-    corrupt = _cfg(config, "corrupt_images", "fail")
+    rec, num_classes, seed, corrupt = config["rec"], config["num_classes"], config["seed"], config["corrupt_images"]
     if rec == "synthetic":
-        from .synthetic import SyntheticFaceDataset
-        dataset = SyntheticFaceDataset(config)
+        from .synthetic import ensure_synthetic
+        paths = ensure_synthetic(config)
+        dataset = SyntheticFaceDataset(paths["train_images"], paths["train_labels"], config["synthetic_ids"], seed)
         labels = np.asarray(dataset.labels)
         if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             i = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
             raise DataError(f"label {int(labels[i])} of synthetic sample {i} is outside [0, {num_classes})")
         return dataset, "synthetic"
     if rec == "random":
-        return RandomFaceDataset(num_classes, _cfg(config, "num_image"), seed), "random"
-    rec = os.fspath(rec)
-    if not os.path.isdir(rec):
+        return RandomFaceDataset(num_classes, config["num_image"], seed), "random"
+    if not isinstance(rec, (str, os.PathLike)) or not os.path.isdir(rec):
         raise DataError(f"config.rec = {rec!r} is neither 'synthetic' nor an existing folder "
                         f"(a folder with train.rec/train.idx, or an image folder)")
+    rec = os.fspath(rec)
     rec_path = os.path.join(rec, "train.rec")
     idx_path = os.path.join(rec, "train.idx")
     if os.path.isfile(rec_path):
-        if _cfg(config, "shuffled_rec", False):
+        if config["shuffled_rec"]:
             return SequentialRecordDataset(
                 rec_path, idx_path, num_classes=num_classes, rank=rank, world_size=size,
-                batch_size=_cfg(config, "batch_size", 128), num_workers=_cfg(config, "num_workers", 0),
-                shuffle_buffer=_cfg(config, "shuffle_buffer", 10000), seed=seed, corrupt_images=corrupt), \
-                "sequential"
+                batch_size=config["batch_size"], num_workers=config["num_workers"],
+                shuffle_buffer=config["shuffle_buffer"], seed=seed, corrupt_images=corrupt), "sequential"
         return IndexedRecordDataset(rec_path, idx_path, num_classes=num_classes, seed=seed,
                                     corrupt_images=corrupt), "indexed"
     return ImageFolderDataset(rec, num_classes=num_classes, seed=seed, corrupt_images=corrupt), "folder"
@@ -169,19 +138,17 @@ def build_dataset(config, rank=0, size=1):
 def build_train_loader(config, comm):
     """The loader of rank ``comm.rank`` of ``comm.size`` for ``config`` (see the module docstring)."""
     rank, size = int(comm.rank), int(comm.size)
-    batch_size = int(_cfg(config, "batch_size", 128))
-    num_workers = int(_cfg(config, "num_workers", 0))
-    seed = int(_cfg(config, "seed", 0))
+    batch_size, num_workers = int(config["batch_size"]), int(config["num_workers"])
     dataset, kind = build_dataset(config, rank, size)
     if kind == "sequential":
-        return TrainLoader(dataset, batch_size, num_workers, rank, size, seed, kind=kind)
-    sampler = ShardedSampler(len(dataset), rank, size, batch_size, seed)
-    return TrainLoader(dataset, batch_size, num_workers, rank, size, seed, sampler=sampler, kind=kind)
+        return TrainLoader(dataset, batch_size, num_workers)
+    sampler = ShardedSampler(len(dataset), rank, size, batch_size, int(config["seed"]))
+    return TrainLoader(dataset, batch_size, num_workers, sampler=sampler)
 
 
 def val_bin_path(config, name):
     """Path of verification set ``name`` (``<rec>/<name>.bin``), or None when it is not there."""
-    rec = _cfg(config, "rec", "synthetic")
+    rec = config["rec"]
     if rec == "synthetic":
         if name == "synthetic_val":
             from .synthetic import ensure_synthetic

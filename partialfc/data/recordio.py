@@ -17,6 +17,11 @@ File format (dmlc-core RecordIO, little-endian as written on x86):
 An ``.idx`` file has one ``key<TAB>byte offset`` line per record. A record written by ``pack`` starts
 with the image record header ``IRHeader`` (struct ``IfQQ``: flag, label, id, id2). When ``flag > 0`` the
 label is ``flag`` float32 values that follow the header, and the header's own label field is 0.
+
+This module is the one definition of these layouts in the package: the frame constants (``MAGIC``,
+``LEN_MASK``, ``FRAME`` ...), the IRHeader structs (``IR_HEADER`` and the precompiled prefixes the datasets'
+per-record paths unpack in one call), record encoding and decoding, and the ``.idx`` parser
+(``parse_index``/``read_index``). Datasets, fast readers, tools and scripts use these public names.
 """
 import numbers
 import os
@@ -27,19 +32,30 @@ import numpy as np
 
 __all__ = [
     "MXRecordIO", "MXIndexedRecordIO", "IRHeader", "pack", "unpack", "pack_img", "unpack_img",
-    "RecordIOError", "MAGIC", "MAX_RECORD_BYTES", "read_record_at", "scan_records",
+    "RecordIOError", "MAGIC", "MAGIC_BYTES", "MAX_RECORD_BYTES", "CFLAG_SHIFT", "LEN_MASK", "FRAME",
+    "FRAME_SIZE", "IR_FORMAT", "IR_HEADER", "IR_HEADER_SIZE", "IR_FLAG_LABEL", "FRAME_FLAG_LABEL",
+    "LABEL_VALUE", "encode_record", "read_record_at", "read_header_at", "scan_records", "parse_index",
+    "read_index", "parse_record", "header_label", "split_label", "record_id",
 ]
 
+# --- the frame: magic | lrec (cflag << 29 | length) | payload | padding to 4 bytes ---
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 MAX_RECORD_BYTES = 1 << 29          # records must be strictly shorter than this
-_LEN_MASK = (1 << 29) - 1
-_FRAME = struct.Struct("<II")
+CFLAG_SHIFT = 29                    # lrec >> CFLAG_SHIFT is the continuation flag
+LEN_MASK = (1 << CFLAG_SHIFT) - 1   # lrec & LEN_MASK is the part's length
+FRAME = struct.Struct("<II")        # magic, lrec
+FRAME_SIZE = FRAME.size             # 8
 
+# --- the image record header at the start of a payload written by ``pack`` ---
 IRHeader = namedtuple("HEADER", ["flag", "label", "id", "id2"])
-_IR_FORMAT = "IfQQ"
-_IR_STRUCT = struct.Struct("<" + _IR_FORMAT)
-_IR_SIZE = _IR_STRUCT.size           # 24
+IR_FORMAT = "IfQQ"
+IR_HEADER = struct.Struct("<" + IR_FORMAT)
+IR_HEADER_SIZE = IR_HEADER.size      # 24
+# Precompiled prefixes for the per-record paths of the datasets (one ``unpack_from`` each):
+IR_FLAG_LABEL = struct.Struct("<" + IR_FORMAT[:2])               # flag, scalar label: an IRHeader's first 8 bytes
+FRAME_FLAG_LABEL = struct.Struct(FRAME.format + IR_FORMAT[:2])   # magic, lrec, flag, label: a record's first 16
+LABEL_VALUE = struct.Struct("<f")    # one float32 value of a multi-value label (``flag > 0``)
 
 
 class RecordIOError(ValueError):
@@ -51,7 +67,7 @@ def _where(path, offset, key=None):
     return f"{path!r}{k}, offset {offset}"
 
 
-def _encode_record(payload):
+def encode_record(payload):
     """The framed bytes dmlc-core's RecordIOWriter::WriteRecord emits for ``payload``."""
     size = len(payload)
     if size >= MAX_RECORD_BYTES:
@@ -66,11 +82,11 @@ def _encode_record(payload):
     start = 0
     for pos in splits:
         cflag = 1 if start == 0 else 2
-        out.append(_FRAME.pack(MAGIC, (cflag << 29) | (pos - start)))
+        out.append(FRAME.pack(MAGIC, (cflag << CFLAG_SHIFT) | (pos - start)))
         out.append(payload[start:pos])
         start = pos + 4
     cflag = 3 if splits else 0
-    out.append(_FRAME.pack(MAGIC, (cflag << 29) | (size - start)))
+    out.append(FRAME.pack(MAGIC, (cflag << CFLAG_SHIFT) | (size - start)))
     out.append(payload[start:])
     pad = (-size) & 3
     if pad:
@@ -86,13 +102,13 @@ def _read_part(read, path, offset, key):
     if len(head) < 8:
         raise RecordIOError(f"truncated RecordIO file {_where(path, offset, key)}: "
                             f"{len(head)} bytes left where an 8-byte record header was expected")
-    magic, lrec = _FRAME.unpack(head)
+    magic, lrec = FRAME.unpack(head)
     if magic != MAGIC:
         raise RecordIOError(f"invalid RecordIO file {_where(path, offset, key)}: magic word 0x{magic:08x}, "
                             f"expected 0x{MAGIC:08x} (not a .rec file, corrupted, or the offset is not a "
                             f"record start)")
-    cflag = lrec >> 29
-    length = lrec & _LEN_MASK
+    cflag = lrec >> CFLAG_SHIFT
+    length = lrec & LEN_MASK
     padded = (length + 3) & ~3
     data = read(padded)
     if len(data) < length:
@@ -136,9 +152,9 @@ def read_record_at(fd, offset, path="<fd>", key=None, size_hint=8192):
     """
     buf = os.pread(fd, size_hint, offset)
     if len(buf) >= 8:
-        magic, lrec = _FRAME.unpack_from(buf)
-        length = lrec & _LEN_MASK
-        if magic == MAGIC and lrec >> 29 == 0 and len(buf) >= 8 + length:
+        magic, lrec = FRAME.unpack_from(buf)
+        length = lrec & LEN_MASK
+        if magic == MAGIC and lrec >> CFLAG_SHIFT == 0 and len(buf) >= 8 + length:
             return buf[8:8 + length]
     pos = [offset]
 
@@ -152,6 +168,34 @@ def read_record_at(fd, offset, path="<fd>", key=None, size_hint=8192):
         raise RecordIOError(f"offset past the end of RecordIO file {_where(path, offset, key)} "
                             f"(file size {os.fstat(fd).st_size})")
     return rec[0]
+
+
+def read_header_at(fd, offset, path="<fd>", key=None):
+    """The IRHeader of the record that starts at byte ``offset`` of ``fd``, without reading its payload
+    (one 64-byte pread; the whole record only when its label does not fit in those bytes)."""
+    head = os.pread(fd, 64, offset)
+    if len(head) >= FRAME_SIZE + IR_HEADER_SIZE:
+        magic, lrec = FRAME.unpack_from(head)
+        length = lrec & LEN_MASK
+        if magic == MAGIC and lrec >> CFLAG_SHIFT in (0, 1) and length >= IR_HEADER_SIZE:
+            flag = IR_HEADER.unpack_from(head, FRAME_SIZE)[0]
+            if IR_HEADER_SIZE + 4 * flag <= min(length, len(head) - FRAME_SIZE):
+                return unpack(head[FRAME_SIZE:FRAME_SIZE + min(length, 64 - FRAME_SIZE)])[0]
+    return unpack(read_record_at(fd, offset, path, key))[0]
+
+
+def parse_record(buf, size):
+    """``(class label, payload memoryview)`` of the single-part record framed at the start of ``buf`` (``size``
+    bytes of it read), or None when it needs the general reader (multi-part record, bad frame, short read)."""
+    if size < FRAME_SIZE + IR_HEADER_SIZE:
+        return None
+    magic, lrec, flag, label = FRAME_FLAG_LABEL.unpack_from(buf)
+    start = FRAME_SIZE + IR_HEADER_SIZE + 4 * flag
+    end = FRAME_SIZE + lrec  # lrec < 2**29 exactly when the continuation flag is 0
+    if magic != MAGIC or end > size or start > end:
+        return None
+    label = int(label) if flag == 0 else int(LABEL_VALUE.unpack_from(buf, FRAME_SIZE + IR_HEADER_SIZE)[0])
+    return label, memoryview(buf)[start:end]
 
 
 def scan_records(path, header_bytes=0):
@@ -175,11 +219,11 @@ def scan_records(path, header_bytes=0):
                 if len(head) < 8:
                     raise RecordIOError(f"truncated RecordIO file {_where(path, offset)}: "
                                         f"{len(head)} bytes left where an 8-byte record header was expected")
-                magic, lrec = _FRAME.unpack(head)
+                magic, lrec = FRAME.unpack(head)
                 if magic != MAGIC:
                     raise RecordIOError(f"invalid RecordIO file {_where(path, offset)}: magic word "
                                         f"0x{magic:08x}, expected 0x{MAGIC:08x}")
-                cflag, length = lrec >> 29, lrec & _LEN_MASK
+                cflag, length = lrec >> CFLAG_SHIFT, lrec & LEN_MASK
                 if first_part and cflag not in (0, 1):
                     raise RecordIOError(f"invalid RecordIO file {_where(path, offset)}: the record starts "
                                         f"with continuation flag {cflag}")
@@ -198,6 +242,33 @@ def scan_records(path, header_bytes=0):
                 expect_more = cflag in (1, 2)
                 first_part = False
             yield start, total, first[:header_bytes]
+
+
+def parse_index(lines, idx_path, key_type=int):
+    """The ``key<TAB>byte offset`` lines of an ``.idx`` file as (list of keys, list of int offsets).
+
+    Blank lines are skipped; a malformed line raises a ``RecordIOError`` naming ``idx_path`` and the line.
+    """
+    keys, offsets = [], []
+    for lineno, line in enumerate(lines, 1):
+        parts = line.strip().split("\t")
+        if parts == [""]:
+            continue
+        try:
+            key = key_type(parts[0])
+            pos = int(parts[1])
+        except (ValueError, IndexError):
+            raise RecordIOError(f"malformed line {lineno} in index file {idx_path!r}: "
+                                f"{line.rstrip()!r} (expected 'key<TAB>offset')") from None
+        keys.append(key)
+        offsets.append(pos)
+    return keys, offsets
+
+
+def read_index(idx_path, key_type=int):
+    """``parse_index`` of the file ``idx_path``."""
+    with open(idx_path) as f:
+        return parse_index(f, idx_path, key_type)
 
 
 class MXRecordIO:
@@ -272,7 +343,7 @@ class MXRecordIO:
         if len(buf) >= MAX_RECORD_BYTES:
             raise RecordIOError(f"RecordIO records must be shorter than 2**29 = {MAX_RECORD_BYTES} bytes; "
                                 f"got {len(buf)} bytes for {self.uri!r}")
-        self.handle.write(_encode_record(bytes(buf)))
+        self.handle.write(encode_record(bytes(buf)))
 
     def read(self):
         """The next record's bytes, or None at the end of the file."""
@@ -308,18 +379,8 @@ class MXIndexedRecordIO(MXRecordIO):
         self.keys = []
         self.fidx = open(self.idx_path, self.flag)
         if not self.writable:
-            for lineno, line in enumerate(self.fidx, 1):
-                parts = line.strip().split("\t")
-                if parts == [""]:
-                    continue
-                try:
-                    key = self.key_type(parts[0])
-                    pos = int(parts[1])
-                except (ValueError, IndexError):
-                    raise RecordIOError(f"malformed line {lineno} in index file {self.idx_path!r}: "
-                                        f"{line.rstrip()!r} (expected 'key<TAB>offset')") from None
-                self.idx[key] = pos
-                self.keys.append(key)
+            self.keys, offsets = parse_index(self.fidx, self.idx_path, self.key_type)
+            self.idx = dict(zip(self.keys, offsets))
 
     def close(self):
         if not self.is_open:
@@ -378,15 +439,15 @@ def pack(header, s):
         label = np.asarray(header.label, dtype=np.float32)
         header = header._replace(flag=label.size, label=0)
         s = label.tobytes() + s
-    return _IR_STRUCT.pack(*header) + s
+    return IR_HEADER.pack(*header) + s
 
 
 def unpack(s):
     """Split a record into (IRHeader, payload bytes); a multi-value label comes back as a float32 array."""
-    if len(s) < _IR_SIZE:
-        raise RecordIOError(f"record of {len(s)} bytes is shorter than the {_IR_SIZE}-byte IRHeader")
-    header = IRHeader(*_IR_STRUCT.unpack_from(s))
-    s = s[_IR_SIZE:]
+    if len(s) < IR_HEADER_SIZE:
+        raise RecordIOError(f"record of {len(s)} bytes is shorter than the {IR_HEADER_SIZE}-byte IRHeader")
+    header = IRHeader(*IR_HEADER.unpack_from(s))
+    s = s[IR_HEADER_SIZE:]
     if header.flag > 0:
         if len(s) < 4 * header.flag:
             raise RecordIOError(f"record says it has {header.flag} float32 labels but holds only "
@@ -394,6 +455,31 @@ def unpack(s):
         header = header._replace(label=np.frombuffer(s, np.float32, header.flag))
         s = s[header.flag * 4:]
     return header, s
+
+
+def header_label(header):
+    """The class of an IRHeader: its scalar label, or the first value of a multi-value label."""
+    label = header.label
+    if not np.isscalar(label):
+        label = label[0]
+    return int(label)
+
+
+def split_label(rec):
+    """``(class label, payload memoryview)`` of a record's bytes (IRHeader + payload), as ``unpack`` +
+    ``header_label`` would give, without building the header."""
+    if len(rec) < IR_HEADER_SIZE:
+        unpack(rec)  # raises the RecordIOError naming the sizes
+    flag, label = IR_FLAG_LABEL.unpack_from(rec)
+    if flag == 0:
+        return int(label), memoryview(rec)[IR_HEADER_SIZE:]
+    header, payload = unpack(rec)  # multi-value label: validates the label count
+    return header_label(header), payload
+
+
+def record_id(rec):
+    """The ``id`` field of the IRHeader at the start of a record's bytes."""
+    return IR_HEADER.unpack_from(rec)[2]
 
 
 def _cv2():

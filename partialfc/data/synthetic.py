@@ -10,6 +10,8 @@ Generated on first use into ``<data_root>/synthetic-<hash>/``:
 - ``train_images.npy`` uint8 [N, 112, 112, 3] RGB and ``train_labels.npy`` int64 [N];
 - ``synthetic_val.bin``: verification pairs over held-out identities in the insightface ``.bin`` layout,
   a pickle of ``(list of JPEG bytes, list of bool)``.
+
+``partialfc.data.datasets.SyntheticFaceDataset`` reads the training arrays.
 """
 import hashlib
 import json
@@ -18,11 +20,8 @@ import pickle
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from ..fileio import write_atomic
-from .transforms import flip_bit
 
 SIZE = 112
 _VERSION = 3  # bump when rendering changes, so caches are regenerated
@@ -201,29 +200,3 @@ def ensure_synthetic(config):
     if not all(os.path.exists(v) for v in paths.values()):
         _generate(root, _params(config))
     return paths
-
-
-class SyntheticFaceDataset(Dataset):
-    """``(FloatTensor [3, 112, 112] in [-1, 1] RGB, int64 label)`` over the synthetic training set."""
-
-    def __init__(self, config, random_flip=True):
-        paths = ensure_synthetic(config)
-        self.images = np.load(paths["train_images"], mmap_mode="r")
-        self.labels = np.load(paths["train_labels"])
-        self.num_classes = int(config.synthetic_ids)
-        self.random_flip = random_flip
-        self.seed, self.epoch = int(config.seed), 0
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        img = torch.from_numpy(np.array(self.images[i]))  # [112, 112, 3] uint8
-        # The flip is a function of (seed, epoch, index): the same in every worker and after a resume.
-        if self.random_flip and flip_bit(self.seed, self.epoch, i):
-            img = img.flip(1)
-        img = img.permute(2, 0, 1).float().sub_(127.5).div_(127.5)
-        return img, torch.tensor(int(self.labels[i]), dtype=torch.long)

@@ -56,13 +56,15 @@ def compiled_to_tensor():
     if _image_op is _UNRESOLVED:
         op = fast = None
         try:
-            from ..ops import extension as _ext
-            if _ext.enabled() and hasattr(torch.ops.partialfc, "image_to_tensor"):
+            from ..ops import extension
+            if extension.enabled() and hasattr(torch.ops.partialfc, "image_to_tensor"):
                 op = torch.ops.partialfc.image_to_tensor.default
                 # the overload's underlying builtin: the same call without a Python frame per sample
                 op = getattr(op, "_op", op)
-                # the same kernel called straight from Python on the decoded array (csrc/image_fastpath.cpp)
-                fast = getattr(_ext._C, "decoded_image_to_tensor", None)
+                # the same kernel called straight from Python on the decoded array (csrc/image_fastpath.cpp),
+                # an entry point of the compiled module itself
+                from .. import _C as compiled
+                fast = getattr(compiled, "decoded_image_to_tensor", None)
         except Exception:  # the package's op module cannot load: numpy it is
             op = fast = None
         _image_op, _decoded_op = op, fast
@@ -145,7 +147,8 @@ class FlipTable:
         self.seed, self.epoch, self.size = int(seed), int(epoch), int(size)
         self.blocks = [None] * ((self.size + (1 << self.BLOCK_BITS) - 1) >> self.BLOCK_BITS)
 
-    def _fill(self, b):
+    def fill(self, b):
+        """Compute block ``b`` of the coins (samples ``b * 65536`` on) and return it."""
         lo = b << self.BLOCK_BITS
         hi = min(lo + (1 << self.BLOCK_BITS), self.size)
         self.blocks[b] = block = np.packbits(flip_bits(self.seed, self.epoch, lo, hi), bitorder="little").tobytes()
@@ -154,7 +157,7 @@ class FlipTable:
     def __call__(self, index):
         if not 0 <= index < self.size:
             return flip_bit(self.seed, self.epoch, index)
-        block = self.blocks[index >> 16] or self._fill(index >> 16)
+        block = self.blocks[index >> 16] or self.fill(index >> 16)
         return (block[(index & 0xFFFF) >> 3] >> (index & 7)) & 1 == 1
 
 

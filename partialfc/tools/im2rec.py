@@ -132,7 +132,7 @@ def pack_dataset(items, out_dir, quality=95, reencode=False, num_workers=None, s
     for c in range(num_classes):
         writer.write_idx(n + 1 + c, recordio.pack(recordio.IRHeader(2, [starts[c] + 1, ends[c] + 1], 0, 0), b""))
     writer.close()
-    header0 = recordio._encode_record(recordio.pack(recordio.IRHeader(2, [n + 1, n + 1 + num_classes], 0, 0), b""))
+    header0 = recordio.encode_record(recordio.pack(recordio.IRHeader(2, [n + 1, n + 1 + num_classes], 0, 0), b""))
     with open(tmp_rec, "r+b") as f:      # same length as the placeholder, so offsets stay valid
         f.write(header0)
     os.replace(tmp_rec, rec_path)

@@ -89,7 +89,7 @@ def test_sequential_records_match_the_general_reader(mixed, use_mmap, window):
     spans = seq.plan(0, 0, 1)
     reader = recordio.MXIndexedRecordIO(os.path.join(folder, "train.idx"), rec_path, "r")
     seen = []
-    for i, off, rec in seq._records(spans, window=window, read_window=window, use_mmap=use_mmap):
+    for i, off, rec in seq.records(spans, window=window, read_window=window, use_mmap=use_mmap):
         assert off == int(seq.offsets[i])
         assert bytes(rec) == reader.read_idx(i)
         seen.append(i)
@@ -115,7 +115,7 @@ def test_kept_records_stay_valid_after_the_reader_moves_on(mixed, use_mmap, wind
     expected = {i: reader.read_idx(i) for a, b in seq.plan(0, 0, 1) for i in range(a, b)}
     gc.collect()
     before = mappings()
-    kept = list(seq._records(seq.plan(0, 0, 1), window=window, read_window=window, use_mmap=use_mmap, keep=True))
+    kept = list(seq.records(seq.plan(0, 0, 1), window=window, read_window=window, use_mmap=use_mmap, keep=True))
     if use_mmap:
         assert len(mappings()) > len(before)  # the kept views hold their blocks mapped
     assert len(kept) == sum(b - a for a, b in seq.plan(0, 0, 1))
@@ -163,7 +163,7 @@ def test_damaged_frame_names_file_and_offset(mixed, tmp_path, use_mmap):
     rec, offsets = _corrupt_copy(tmp_path, folder, smash)
     seq = SequentialRecordDataset(rec, num_classes=6, batch_size=4, shuffle_buffer=8, seed=1, chunk_records=64)
     with pytest.raises(RecordIOError, match=rf"invalid RecordIO file .*bad/train.rec.*offset {offsets[10]}: magic"):
-        for _ in seq._records(seq.plan(0, 0, 1), use_mmap=use_mmap):
+        for _ in seq.records(seq.plan(0, 0, 1), use_mmap=use_mmap):
             pass
     # the plain layout's labels come from every record header at open, so the indexed reader stops there
     with pytest.raises(RecordIOError, match=rf"offset {offsets[10]}: magic word 0x04030201"):
@@ -176,7 +176,7 @@ def test_truncated_file(mixed, tmp_path, use_mmap):
     rec, offsets = _corrupt_copy(tmp_path, folder, lambda data, offsets: data[:offsets[-1] + 20])
     seq = SequentialRecordDataset(rec, num_classes=6, batch_size=4, shuffle_buffer=8, seed=1, chunk_records=64)
     with pytest.raises(RecordIOError, match=rf"truncated RecordIO file .*offset {offsets[-1]}"):
-        for _ in seq._records(seq.plan(0, 0, 1), use_mmap=use_mmap):
+        for _ in seq.records(seq.plan(0, 0, 1), use_mmap=use_mmap):
             pass
 
 
@@ -227,11 +227,11 @@ def test_empty_payload_is_a_corrupt_image(tmp_path):
 
 
 def test_block_reads_without_preadv(mixed, monkeypatch):
-    from partialfc.data import datasets
-    monkeypatch.setattr(datasets, "_HAVE_PREADV", False)
+    from partialfc.data import fast_reader
+    monkeypatch.setattr(fast_reader, "HAVE_PREADV", False)
     folder, _ = mixed
     rec_path = os.path.join(folder, "train.rec")
     seq = SequentialRecordDataset(rec_path, batch_size=4, shuffle_buffer=8, seed=1, chunk_records=9)
     reader = recordio.MXIndexedRecordIO(os.path.join(folder, "train.idx"), rec_path, "r")
-    for i, _, rec in seq._records(seq.plan(0, 0, 1), read_window=3000, use_mmap=False):
+    for i, _, rec in seq.records(seq.plan(0, 0, 1), read_window=3000, use_mmap=False):
         assert bytes(rec) == reader.read_idx(i)

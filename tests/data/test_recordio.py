@@ -17,7 +17,7 @@ with open(os.path.join(FIX, "expected.json")) as _f:
     EXPECTED = json.load(_f)
 CASES = EXPECTED["cases"]
 RAW_CASES = ["scalar", "multilabel", "magic", "magic_packed", "insightface", "images"]
-MAGIC = struct.pack("<I", recordio.MAGIC)
+MAGIC = recordio.MAGIC_BYTES
 
 
 def b(s):
@@ -74,12 +74,12 @@ def test_magic_payloads_are_split_into_continuation_parts():
     with open(paths("magic")[1], "rb") as f:
         data = f.read()
     # 1234|MAGIC|xy is stored as part "1234" (cflag 1) and part "xy" (cflag 3), the magic word dropped
-    enc = recordio._encode_record(b"1234" + MAGIC + b"xy")
+    enc = recordio.encode_record(b"1234" + MAGIC + b"xy")
     assert enc == (MAGIC + struct.pack("<I", (1 << 29) | 4) + b"1234" +
                    MAGIC + struct.pack("<I", (3 << 29) | 2) + b"xy\x00\x00")
     assert enc in data
     # an unaligned magic word is left in place
-    enc = recordio._encode_record(b"ab" + MAGIC + b"cd")
+    enc = recordio.encode_record(b"ab" + MAGIC + b"cd")
     assert enc == MAGIC + struct.pack("<I", 8) + b"ab" + MAGIC + b"cd"
 
 
@@ -132,7 +132,7 @@ def test_record_of_2_29_bytes_is_refused(tmp_path):
         def __len__(self):
             return 1 << 29
     with pytest.raises(recordio.RecordIOError, match=r"shorter than 2\*\*29"):
-        recordio._encode_record(Huge(b"x"))
+        recordio.encode_record(Huge(b"x"))
     w = recordio.MXRecordIO(str(tmp_path / "x.rec"), "w")
     with pytest.raises(recordio.RecordIOError, match=r"2\*\*29"):
         w.write(Huge(b"x"))

@@ -238,7 +238,7 @@ class Trainer:
             scaler.unscale_(self.optimizer)
         max_norm = self.config.clip_grad_norm or math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), max_norm)
-        bad = not (math.isfinite(float(norm)) and math.isfinite(total) and self.pfc.center_grad_is_finite())
+        bad = not (math.isfinite(float(norm)) and math.isfinite(total) and self.pfc.center_grad.is_finite())
         bad = bool(comm.allreduce(torch.tensor([float(bad)]), "max").item())  # one rank's bad step is everyone's
 
         # Step (or skip), then zero.

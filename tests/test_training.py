@@ -288,16 +288,16 @@ def test_bf16_training_runs_and_learns(tmp_path):
 
 def test_trainer_step_keeps_the_fused_center_update(monkeypatch):
     from partialfc import ops
-    if not ops.fused_update_available(torch.device("cpu")):
+    if not isinstance(ops.op_table("cpu"), ops.CompiledOps):
         pytest.fail("partialfc._C is not built: run setup-utils/install.sh") if os.environ.get("CI") else \
             pytest.skip("partialfc._C is not built")
     calls = []
-    real = ops.normalize_backward_sgd_update
-    monkeypatch.setattr(ops, "normalize_backward_sgd_update", lambda *a: calls.append(1) or real(*a))
+    real = ops.CompiledOps.normalize_backward_sgd_update
+    monkeypatch.setattr(ops.CompiledOps, "normalize_backward_sgd_update", lambda *a: calls.append(1) or real(*a))
     model, pfc = _model_and_head(torch.float32)
     t = _step_only_trainer(model, pfc)
     before = pfc.weight.detach().clone()
     t.train_step([(torch.randn(8, 3, 4, 4), torch.randint(0, 60, (8,)))])
-    # The non-finite check did not force the unfused path, and the sampled rows moved.
+    # The step ran the fused update once, and the sampled rows moved.
     assert calls == [1]
     assert not torch.equal(before[pfc.sampled_index], pfc.weight.detach()[pfc.sampled_index])

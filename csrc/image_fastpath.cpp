@@ -1,10 +1,10 @@
 // partialfc._C.decoded_image_to_tensor: the data loaders' per-sample call of the image conversion, straight from
 // Python to the kernel of partialfc::image_to_tensor (csrc/ops/cpu/image_to_tensor_kernel.cpp).
 //
-// Why a second entry point: a training image costs about 105 µs to decode on one core, and the per-sample work
-// around the decode has to stay within a tenth of that. Going through torch.ops (torch.from_numpy of the
-// decoded array, the Python op's argument parsing, the dispatcher's boxing) costs 3-6 µs per image once the
-// JPEG decoder has evicted those code paths from the caches, about as much as the conversion itself. This
+// Why a second entry point: the per-sample work around a training image's decode has to stay within a tenth of
+// the decode itself. Going through torch.ops (torch.from_numpy of the decoded array, the Python op's argument
+// parsing, the dispatcher's boxing) costs about as much as the conversion once the JPEG decoder has evicted
+// those code paths from the caches (figures in docs/data.md and docs/benchmarks.md). This
 // function reads the numpy array through the buffer protocol (no tensor is made of it), allocates the output
 // with the CPU allocator directly and runs the same kernel, so the values are the op's, bit for bit (tested).
 // The op stays the public, dispatchable form; this is only the loaders' fast path.

@@ -317,8 +317,8 @@ struct BackwardArgs {
 
 // ---- Class-major logits ----
 // The fused head on CPU keeps its logits as a row-major [S, B] buffer, one row per sampled class, and hands these
-// ops its transpose: a [B, S] view with strides (1, B). The GEMM that fills it, centers @ features^T, runs 12-14%
-// faster (MKL, 2 cores, S = 100K) than features @ centers^T into [B, S]. A sample's logits are then a strided
+// ops its transpose: a [B, S] view with strides (1, B). MKL runs the GEMM that fills it, centers @ features^T,
+// faster than features @ centers^T into [B, S] (figures in docs/benchmarks.md). A sample's logits are then a strided
 // column, so the kernels below walk the buffer one class row at a time with a vector over the batch, in blocks
 // of class rows small enough to stay in the L2 cache for the second (sum-exp) sweep; the blocks' per-sample
 // (max, sum-exp) are then combined like the ranks' are. Per-sample values (target row, target logit, ...) sit in

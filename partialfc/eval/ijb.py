@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .verification import _model_device_dtype, forward_views
+from .verification import forward_views, model_device_dtype
 
 __all__ = [
     "FARS", "IJBFaces", "evaluate_ijb", "extract_features", "image2template_feature", "main",
@@ -141,7 +141,7 @@ def _worker_init(_):
 
 def extract_features(model, dataset, batch_size=128, workers=4, device=None, flip=True, progress=True):
     """Embeddings ``[N, D]`` float32 of a face dataset: image + flipped image (``flip``), else image only."""
-    model_device, dtype = _model_device_dtype(model)
+    model_device, dtype = model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=int(workers),
                         worker_init_fn=_worker_init if workers else None,

@@ -1,11 +1,19 @@
-"""Load a model for evaluation: a ``model.pt`` backbone state_dict or an exported ``.onnx`` file."""
+"""Load a model for evaluation: a backbone checkpoint (``model.pt`` and friends) or an exported ``.onnx`` file.
+
+:func:`extract_backbone_state_dict` is the one reader of backbone checkpoints; the evaluation CLIs and the
+tools (``export_onnx``, ``inference``) all load through it.
+"""
 import json
 import os
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["OnnxEmbedder", "load_eval_model", "resolve_device"]
+__all__ = [
+    "BACKBONE_STATE_KEYS", "CheckpointError", "OnnxEmbedder", "extract_backbone_state_dict",
+    "load_backbone_state_dict", "load_eval_model", "read_config_beside", "resolve_checkpoint", "resolve_device",
+]
 
 
 def resolve_device(device):
@@ -60,44 +68,110 @@ class OnnxEmbedder:
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(out.shape[0], -1)
 
 
-def _read_config_beside(path):
+class CheckpointError(ValueError):
+    """A model file or its ``config.json`` that cannot be used; the message names the file."""
+
+
+def resolve_checkpoint(path):
+    """``path``, or ``path/model.pt`` when ``path`` is a folder (a training run's output folder)."""
+    path = os.fspath(path)
+    return os.path.join(path, "model.pt") if os.path.isdir(path) else path
+
+
+def read_config_beside(path):
+    """The ``config.json`` next to the file ``path``, as the trainer writes it: ``(config or None, its path)``.
+
+    ``None`` when there is no such file; a :class:`CheckpointError` naming it when it cannot be read or does
+    not hold a JSON object.
+    """
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     if not os.path.isfile(cfg_path):
         return None, cfg_path
-    with open(cfg_path) as f:
-        try:
-            return json.load(f), cfg_path
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path} does not hold a JSON object")
+    return cfg, cfg_path
 
 
-def _extract_state_dict(obj, path):
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and "backbone" in obj and isinstance(obj["backbone"], dict):
-        obj = obj["backbone"]  # a resumable training checkpoint
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path}: expected a backbone state_dict (name -> tensor)")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from a DDP wrapper
+# Where a checkpoint that is more than a bare state dict keeps the backbone's: arcface_torch's
+# ``checkpoint_gpu_<r>.pt``, our ``trainer.pt``, and the common ``{"state_dict": ...}`` wrapper.
+BACKBONE_STATE_KEYS = ("state_dict_backbone", "backbone", "state_dict")
+
+
+def _is_tensor_mapping(obj):
+    return isinstance(obj, Mapping) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def extract_backbone_state_dict(obj, path):
+    """The backbone state dict (name -> tensor) held by ``obj``, the object loaded from the file ``path``.
+
+    Accepted layouts:
+
+    - a bare state dict: our ``model.pt`` (the final file the trainer writes) and arcface_torch's
+      ``model.pt`` / ``backbone.pth``;
+    - a dict holding one under ``state_dict_backbone`` (arcface_torch's training checkpoint), ``backbone``
+      (our resumable ``trainer.pt``) or ``state_dict``; when several of these hold a dict, the first in that
+      order that is a mapping of names to tensors is taken;
+    - an ``nn.Module`` (its ``state_dict()``);
+
+    and in each, keys that all carry the ``module.`` prefix of a DistributedDataParallel / DataParallel
+    wrapper lose it. Anything else raises :class:`CheckpointError` naming ``path``.
+    """
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a backbone state dict")
+    nested = [k for k in BACKBONE_STATE_KEYS if isinstance(obj.get(k), Mapping)]
+    if nested:
+        key = next((k for k in nested if _is_tensor_mapping(obj[k])), nested[0])
+        obj = obj[key]
+        where = f"{path}[{key!r}]"
+    else:
+        where = str(path)
+    if not obj:
+        raise CheckpointError(f"{where} is an empty state dict, not a backbone's")
+    if not _is_tensor_mapping(obj):
+        raise CheckpointError(f"{where}: expected a backbone state_dict (a mapping of names to tensors)")
+    obj = dict(obj)
+    if all(isinstance(k, str) and k.startswith("module.") for k in obj):  # saved from a DDP wrapper
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def load_backbone_state_dict(path):
+    """``torch.load`` the file ``path`` (``weights_only=True``, on the CPU) and extract its backbone state
+    dict with :func:`extract_backbone_state_dict`. A file torch cannot read raises :class:`CheckpointError`."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a bad or foreign file
+        raise CheckpointError(f"cannot load {path}: {exc}") from None
+    return extract_backbone_state_dict(obj, path)
 
 
 def load_eval_model(path, network=None, embedding_size=None, device="auto"):
     """Build the model a CLI evaluates.
 
-    ``.onnx`` -> :class:`OnnxEmbedder`. Otherwise ``path`` is a backbone state_dict (arcface_torch's
-    ``model.pt``); the architecture comes from ``network``/``embedding_size`` or, when they are None, from
-    ``config.json`` beside the checkpoint (as the trainer writes it). Returns ``(model, description)``.
+    ``.onnx`` -> :class:`OnnxEmbedder`. Otherwise ``path`` is a checkpoint that
+    :func:`extract_backbone_state_dict` reads (arcface_torch's ``model.pt``, our ``model.pt`` or
+    ``trainer.pt``, ...), or a folder holding ``model.pt``; the architecture comes from
+    ``network``/``embedding_size`` or, when they are None, from ``config.json`` beside the checkpoint (as the
+    trainer writes it). Returns ``(model, description)``.
     """
     if str(path).lower().endswith(".onnx"):
         return OnnxEmbedder(path), f"onnx:{path}"
+    path = resolve_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model checkpoint {path!r} does not exist")
-    cfg, cfg_path = _read_config_beside(path)
+    cfg, cfg_path = read_config_beside(path)
     if network is None:
         if cfg is None or "network" not in cfg:
-            raise ValueError(
+            raise CheckpointError(
                 f"cannot tell the architecture of {path!r}: pass --network (and --embedding-size), "
                 f"or put the training config.json beside it (looked for {cfg_path})"
             )
@@ -107,12 +181,11 @@ def load_eval_model(path, network=None, embedding_size=None, device="auto"):
     from partialfc.backbones import get_model
 
     model = get_model(network, num_features=int(embedding_size), dropout=0.0, fp16=False)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = _extract_state_dict(state, path)
+    state = load_backbone_state_dict(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: state_dict does not match network {network!r} with embedding size {embedding_size}: {exc}"
         ) from None
     model.to(resolve_device(device)).eval()

@@ -149,7 +149,9 @@ def load_bin(path, image_size=(112, 112), num_threads=None, callback=None):
 # --------------------------------------------------------------------------------------------------
 # embedding
 # --------------------------------------------------------------------------------------------------
-def _model_device_dtype(model):
+def model_device_dtype(model):
+    """Device and dtype of ``model``'s first floating-point parameter; the CPU and float32 when it has none or
+    is not an ``nn.Module`` (an ONNX embedder)."""
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             if p.is_floating_point():
@@ -202,7 +204,7 @@ def embed_images(model, images, batch_size=128, device=None, with_xnorm=False, c
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model_device, dtype = _model_device_dtype(model)
+    model_device, dtype = model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
     is_module = isinstance(model, torch.nn.Module)
     was_training = model.training if is_module else None

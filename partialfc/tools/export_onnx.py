@@ -4,9 +4,11 @@
     python -m partialfc.tools.export_onnx backbone.pth model.onnx --network r100 --embedding-size 512
 
 CHECKPOINT is a backbone state dict (``model.pt`` written by training, or an arcface_torch ``backbone.pth``),
-a training checkpoint holding one under ``state_dict_backbone``/``backbone``/``state_dict``, or a folder
-holding ``model.pt``. The network name and embedding size come from ``--network``/``--embedding-size`` or
-else from the ``config.json`` next to the checkpoint (the embedding size falls back to 512).
+a training checkpoint holding one under ``state_dict_backbone``/``backbone``/``state_dict`` (our
+``trainer.pt``, arcface_torch's ``checkpoint_gpu_0.pt``), or a folder holding ``model.pt``; see
+:func:`partialfc.eval.model_io.extract_backbone_state_dict`. The network name and embedding size come from
+``--network``/``--embedding-size`` or else from the ``config.json`` next to the checkpoint (the embedding size
+falls back to 512).
 
 The graph's input is ``data`` [batch, 3, 112, 112] (RGB, (x - 127.5) / 127.5) and its output ``embedding``
 [batch, D], with ``batch`` symbolic: a model exported with a fixed batch size cannot be run on batches of
@@ -15,7 +17,6 @@ onnxruntime on random faces at batch sizes 1 and 3 and checks that every embeddi
 PyTorch's is at least 1 - 1e-3 (``--no-verify`` skips this).
 """
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from partialfc.backbones import available_backbones, get_model
+from partialfc.eval.model_io import CheckpointError, load_backbone_state_dict, read_config_beside, resolve_checkpoint
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
@@ -34,49 +36,22 @@ class ExportError(RuntimeError):
     pass
 
 
-def _read_config(checkpoint):
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-    if not os.path.isfile(path):
-        return {}, path
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read {path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ExportError(f"{path} does not hold a JSON object")
-    return cfg, path
-
-
-def _extract_state_dict(obj, path):
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict):
-        raise ExportError(f"{path} holds a {type(obj).__name__}, not a backbone state dict")
-    for key in ("state_dict_backbone", "backbone", "state_dict"):
-        if key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ExportError(f"{path} is not a backbone state dict (expected a mapping of names to tensors)")
-    # Strip the prefix that DistributedDataParallel / DataParallel wrappers add.
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
 def load_backbone(checkpoint, network=None, embedding_size=None):
     """Build ``network`` and load ``checkpoint`` into it (strict), in eval mode on the CPU.
 
-    Returns ``(model, network, embedding_size)``. Missing ``network``/``embedding_size`` are read from the
-    ``config.json`` next to the checkpoint; without either the embedding size is 512 (arcface_torch's), and a
-    wrong size fails the strict load with an error naming the checkpoint.
+    ``checkpoint`` is anything :func:`partialfc.eval.model_io.extract_backbone_state_dict` reads, or a folder
+    holding ``model.pt``. Returns ``(model, network, embedding_size)``. Missing ``network``/``embedding_size``
+    are read from the ``config.json`` next to the checkpoint; without either the embedding size is 512
+    (arcface_torch's), and a wrong size fails the strict load with an error naming the checkpoint.
     """
-    if os.path.isdir(checkpoint):
-        checkpoint = os.path.join(checkpoint, "model.pt")
+    checkpoint = resolve_checkpoint(checkpoint)
     if not os.path.isfile(checkpoint):
         raise ExportError(f"checkpoint {checkpoint} does not exist")
-    cfg, cfg_path = _read_config(checkpoint)
+    try:
+        cfg, cfg_path = read_config_beside(checkpoint)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    cfg = cfg or {}
     network = network or cfg.get("network")
     if network is None:
         raise ExportError(f"no --network given and no 'network' in {cfg_path}")
@@ -84,10 +59,9 @@ def load_backbone(checkpoint, network=None, embedding_size=None):
         raise ExportError(f"unknown network {network!r} (from {'--network' if 'network' not in cfg else cfg_path});"
                           f" available: {', '.join(available_backbones())}")
     try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a bad file
-        raise ExportError(f"cannot load {checkpoint}: {e}") from None
-    state = _extract_state_dict(obj, checkpoint)
+        state = load_backbone_state_dict(checkpoint)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     if embedding_size is None:
         embedding_size = cfg.get("embedding_size")
     if embedding_size is None:

@@ -6,8 +6,10 @@
 The image is read with OpenCV, resized to 112x112 when it is not already (it should be an aligned face crop,
 as in the training data), converted BGR -> RGB and normalized as in training: (x - 127.5) / 127.5. The
 embedding is printed and, with ``--output``, saved as a float32 ``.npy`` file of shape [D].
-``--weight`` may be a ``.onnx`` file (run with onnxruntime; ``--network`` is not needed) or a backbone state
-dict; for the latter the network and embedding size come from the flags or the ``config.json`` beside it.
+``--weight`` may be a ``.onnx`` file (run with onnxruntime; ``--network`` is not needed) or a backbone
+checkpoint in any layout ``partialfc.eval.model_io.extract_backbone_state_dict`` reads (or a folder holding
+``model.pt``); for the latter the network and embedding size come from the flags or the ``config.json`` beside
+it.
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ import sys
 import numpy as np
 import torch
 
+from partialfc.eval.model_io import OnnxEmbedder
 from partialfc.tools.export_onnx import ExportError, load_backbone
 
 
@@ -38,18 +41,17 @@ def read_face(path, size=112):
 
 
 def embed(weight, image, network=None, embedding_size=None):
-    """Embedding [D] (float32 numpy) of one preprocessed image [1, 3, 112, 112]."""
-    if weight.lower().endswith(".onnx"):
-        import onnxruntime as ort
+    """Embedding [D] (float32 numpy) of one preprocessed image [1, 3, 112, 112].
 
-        if not os.path.isfile(weight):
-            raise FileNotFoundError(f"ONNX model {weight} does not exist")
-        session = ort.InferenceSession(weight, providers=["CPUExecutionProvider"])
-        out = session.run(None, {session.get_inputs()[0].name: image})[0]
+    A ``.onnx`` ``weight`` runs with onnxruntime on the CPU (:class:`partialfc.eval.model_io.OnnxEmbedder`);
+    anything else is a checkpoint loaded by :func:`partialfc.tools.export_onnx.load_backbone`.
+    """
+    if weight.lower().endswith(".onnx"):
+        model = OnnxEmbedder(weight, providers=["CPUExecutionProvider"])
     else:
         model, _, _ = load_backbone(weight, network, embedding_size)
-        with torch.no_grad():
-            out = model(torch.from_numpy(image)).numpy()
+    with torch.no_grad():
+        out = model(torch.from_numpy(image)).numpy()
     return out[0].astype(np.float32)
 
 

@@ -104,6 +104,32 @@ def test_training_checkpoint_and_ddp_prefix_are_accepted(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
 
 
+def test_trainer_checkpoint_and_bad_contents_go_through_the_shared_reader(tmp_path, capsys):
+    model = _trained_like("mbf")
+    trainer = dict(backbone=model.state_dict(), optimizer={"state": {}, "param_groups": []}, step=8, epoch=1,
+                   config=json.dumps({"network": "mbf"}))
+    run = tmp_path / "step_8"
+    run.mkdir()
+    torch.save(trainer, run / "trainer.pt")
+    loaded, network, dim = export_onnx.load_backbone(str(run / "trainer.pt"), "mbf", D)
+    x = torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    # What extract_backbone_state_dict rejects comes out as the tool's error, naming the file.
+    bad = str(run / "bad.pt")
+    torch.save({"backbone": {"name": "mbf"}}, bad)
+    assert export_onnx.main([bad, str(tmp_path / "x.onnx"), "--network", "mbf"]) == 1
+    assert bad in capsys.readouterr().err
+    with pytest.raises(export_onnx.ExportError, match="holds a list"):
+        torch.save([1, 2], bad)
+        export_onnx.load_backbone(bad, "mbf", D)
+    img = str(tmp_path / "face.png")
+    cv2.imwrite(img, np.zeros((112, 112, 3), np.uint8))
+    assert inference.main(["--weight", bad, "--network", "mbf", "--img", img]) == 1
+    err = capsys.readouterr().err
+    assert bad in err and "holds a list" in err
+
+
 def test_export_errors_name_the_problem(tmp_path, capsys):
     _, run = _save_run(tmp_path, "mbf", with_config=False)
     ckpt = str(run / "model.pt")

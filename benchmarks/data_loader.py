@@ -1,6 +1,6 @@
 """Data-loader throughput, as ratios against baselines measured in the same run.
 
-    python benchmarks/data_loader.py [--images 20000] [--workdir /tmp/pfc_bench]
+    python benchmarks/data_loader.py [--images 20000] [--workdir /tmp/pfc_bench_data]
 
 Generates an insightface-layout .rec of 112x112 JPEG faces (im2rec's layout) and a shuffled copy
 (shuffle_rec), then prints, all single process / single worker:

@@ -309,19 +309,30 @@ def sequential_offsets(path, idx_path):
                 keep = np.asarray([1 <= k < first_id for k in keys], dtype=bool)
                 offsets, n_ids = offsets[keep], int(h0.label[1]) - first_id
         return offsets, record_extents(offsets, all_offsets, size), None, n_ids
-    starts, offsets, labels = [], [], []
-    # the IRHeader and the first value of a one-value label
-    for off, length, first in recordio.scan_records(path, header_bytes=IR_HEADER_SIZE + LABEL_VALUE.size):
+    starts, offsets, labels, n_ids = [], [], [], None
+    # The IRHeader and the first two values of a multi-value label: enough for the class of an image and for
+    # the insightface header record's identity range, without reading a payload.
+    header_bytes = IR_HEADER_SIZE + 2 * LABEL_VALUE.size
+    for off, length, first in recordio.scan_records(path, header_bytes=header_bytes):
         starts.append(off)
-        h, rest = unpack(first) if len(first) >= IR_HEADER_SIZE else (None, b"")
-        if h is None:
+        if len(first) < IR_HEADER_SIZE:
             raise DataError(f"record at offset {off} of {path!r} is {length} bytes, shorter than an IRHeader")
-        if h.flag > 0 and length == IR_HEADER_SIZE + 4 * h.flag:   # header or identity record: no image payload
+        flag, label = IR_FLAG_LABEL.unpack_from(first)
+        if flag > 0 and length == IR_HEADER_SIZE + 4 * flag:  # header or identity record: labels, no image
+            if len(starts) == 1 and flag >= 2:
+                # insightface header record 0: label = (first identity key, end key)
+                first_id, end_id = (LABEL_VALUE.unpack_from(first, IR_HEADER_SIZE + 4 * i)[0] for i in (0, 1))
+                n_ids = int(end_id) - int(first_id)
             continue
+        if flag > 0:  # a multi-value label: the class is its first value, after the header
+            if len(first) < IR_HEADER_SIZE + LABEL_VALUE.size:
+                raise DataError(f"record at offset {off} of {path!r} says it has {flag} float32 labels but "
+                                f"is only {length} bytes long")
+            label = LABEL_VALUE.unpack_from(first, IR_HEADER_SIZE)[0]
         offsets.append(off)
-        labels.append(header_label(h))
+        labels.append(int(label))
     offsets = np.asarray(offsets, dtype=np.int64)
-    return offsets, record_extents(offsets, starts, size), np.asarray(labels, dtype=np.int64), None
+    return offsets, record_extents(offsets, starts, size), np.asarray(labels, dtype=np.int64), n_ids
 
 
 def read_property(folder):

@@ -235,3 +235,22 @@ def test_block_reads_without_preadv(mixed, monkeypatch):
     reader = recordio.MXIndexedRecordIO(os.path.join(folder, "train.idx"), rec_path, "r")
     for i, _, rec in seq.records(seq.plan(0, 0, 1), read_window=3000, use_mmap=False):
         assert bytes(rec) == reader.read_idx(i)
+
+
+def test_sequential_reads_an_insightface_rec_without_its_idx(tmp_path):
+    """The insightface layout (header record 0, identity records after the images) read front to back
+    without train.idx: the same images, labels and class count as with the index."""
+    from conftest import write_insightface_rec
+    with_idx, without_idx = str(tmp_path / "a"), str(tmp_path / "b")
+    labels = write_insightface_rec(with_idx, 40, 7)
+    write_insightface_rec(without_idx, 40, 7)
+    os.remove(os.path.join(without_idx, "train.idx"))
+    kw = dict(batch_size=4, shuffle_buffer=8, seed=2, random_flip=False)
+    ref = SequentialRecordDataset(os.path.join(with_idx, "train.rec"), **kw)
+    seq = SequentialRecordDataset(os.path.join(without_idx, "train.rec"), **kw)
+    assert (seq.num_images, seq.num_classes) == (ref.num_images, ref.num_classes) == (40, 7)
+    assert np.array_equal(seq.offsets, ref.offsets)
+    got, expect = list(seq), list(ref)
+    assert [int(y) for _, y in got] == [int(y) for _, y in expect]
+    assert all(np.array_equal(a.numpy(), b.numpy()) for (a, _), (b, _) in zip(got, expect))
+    assert sorted(int(y) for _, y in got) == sorted(labels.tolist())

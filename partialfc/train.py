@@ -215,6 +215,8 @@ class Trainer:
         amp = dict(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
                    enabled=self.amp_dtype is not None)
         acc = len(micro_batches)
+        # BatchNorm statistics move in the forward: a skipped step puts them back (see _skip_step).
+        buffers_before = [b.detach().clone() for b in self.backbone.buffers()]
 
         # Forward and backward, micro-batch by micro-batch. The head samples once for all of them, so their
         # gradients add up to the big batch's; the backbone gradients are summed over ranks in the last
@@ -243,7 +245,7 @@ class Trainer:
 
         # Step (or skip), then zero.
         if bad:
-            self._skip_step(total)
+            self._skip_step(total, buffers_before)
         else:
             self.bad_steps = 0
             comm.step_after_wait(self.optimizer)
@@ -255,8 +257,12 @@ class Trainer:
         self.pfc.hold_sample(None)
         return total
 
-    def _skip_step(self, loss):
+    def _skip_step(self, loss, buffers_before):
+        """Leave the step as if it never ran: no optimizer steps, the backbone's buffers restored."""
         self.bad_steps += 1
+        with torch.no_grad():
+            for buf, before in zip(self.backbone.buffers(), buffers_before):
+                buf.copy_(before)
         if self.scaler is not None:
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         self.log(f"step {self.step + 1}: non-finite loss or gradients (loss {loss}); step skipped"

@@ -301,3 +301,35 @@ def test_trainer_step_keeps_the_fused_center_update(monkeypatch):
     # The step ran the fused update once, and the sampled rows moved.
     assert calls == [1]
     assert not torch.equal(before[pfc.sampled_index], pfc.weight.detach()[pfc.sampled_index])
+
+
+def test_skipped_step_leaves_batchnorm_statistics_as_they_were():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.PReLU(), nn.Linear(16, 16))
+    pfc = PartialFC(16, 60, sample_rate=0.25, comm=Communicator(), seed=5)
+    t = _step_only_trainer(model, pfc)
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 60, (8,))
+    t.train_step([(x, y)])
+    before = {name: b.detach().clone() for name, b in model.named_buffers()}
+    poisoned = x.clone()
+    poisoned[0, 0, 0, 0] = math.inf
+    t.train_step([(poisoned, y)])
+    assert t.bad_steps == 1
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name  # running_mean, running_var, num_batches_tracked
+    t.train_step([(x, y)])  # a good step moves them again
+    assert not torch.equal(model[2].running_mean, before["2.running_mean"])
+
+
+def test_checkpoint_due_during_skipped_steps_waits_for_a_good_step():
+    from partialfc.engine.hooks import CheckpointHook
+
+    saved = []
+    hook = CheckpointHook(type("C", (), {"save": lambda self, step, epoch, pos: saved.append(step)})(), 2, False)
+    hook.trainer = t = type("T", (), {})()
+    t.max_steps, t.epoch, t.batch_in_epoch = 100, 0, 0
+    for step, bad in [(1, 0), (2, 0), (3, 0), (4, 1), (5, 2), (6, 3), (7, 0), (8, 0)]:
+        t.step, t.bad_steps = step, bad
+        hook.after_step()
+    # step 4 and 6 fell in a streak of skipped steps: one checkpoint at the first good step after it
+    assert saved == [2, 7, 8]

@@ -86,18 +86,25 @@ class LRSchedulerHook(HookBase):
 
 
 class CheckpointHook(HookBase):
-    """A resumable checkpoint every ``every`` steps and, when ``at_end`` (``save_all_states``), at the end."""
+    """A resumable checkpoint every ``every`` steps and, when ``at_end`` (``save_all_states``), at the end.
+
+    A checkpoint due while steps are being skipped (non-finite loss or gradients) waits for the next good
+    step, so that a streak of skipped steps never rotates away the last good checkpoints."""
 
     def __init__(self, checkpointer, every, at_end):
         self.checkpointer, self.every, self.at_end = checkpointer, every, at_end
+        self.due = False
 
     def _save(self):
         t = self.trainer
         self.checkpointer.save(t.step, t.epoch, t.batch_in_epoch)
+        self.due = False
 
     def after_step(self):
         t = self.trainer
         if self.every and t.step % self.every == 0 and t.step < t.max_steps:
+            self.due = True
+        if self.due and t.bad_steps == 0:
             self._save()
 
     def after_train(self):

@@ -333,3 +333,28 @@ def test_checkpoint_due_during_skipped_steps_waits_for_a_good_step():
         hook.after_step()
     # step 4 and 6 fell in a streak of skipped steps: one checkpoint at the first good step after it
     assert saved == [2, 7, 8]
+
+
+def test_resume_with_another_lr_trains_at_the_new_lr(tmp_path):
+    cfg = _tiny_config(tmp_path, save_every=3, lr=0.1, warmup_epoch=0)
+    first, _ = _train(cfg, stop_at=4)
+    factor = first.schedulers[0].lr_lambdas[0]
+    resumed = Trainer(Config(cfg, resume=True, lr=0.01))
+    assert resumed.step == 3
+    for opt in (resumed.optimizer, resumed.pfc_optimizer):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * factor(3), rel=1e-12)
+
+    class Lrs(HookBase):
+        seen = {}
+
+        def after_step(self):
+            t = self.trainer
+            self.seen[t.step] = (t.optimizer.param_groups[0]["lr"], t.pfc_optimizer.param_groups[0]["lr"])
+
+    resumed.register_hooks([Lrs()])
+    resumed.train()
+    for step in (4, 5):  # the scheduled lr after each step follows the new base
+        assert factor(step) > 0
+        assert Lrs.seen[step] == pytest.approx((0.01 * factor(step),) * 2, rel=1e-12)
+    with open(os.path.join(cfg.output, "training.log")) as f:
+        assert "base lr 0.1 in the checkpoint, 0.01 in the config" in f.read()

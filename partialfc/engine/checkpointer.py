@@ -142,19 +142,34 @@ class Checkpointer:
         mine = load(os.path.join(folder, f"rank_{self.comm.rank}.pt"))
         self.backbone.load_state_dict(trainer["backbone"])
         self.optimizer.load_state_dict(trainer["optimizer"])
+        self.pfc_optimizer.load_state_dict(mine["pfc_optimizer"])  # momentum and the scheduled lr
+        config_base_lrs = [list(s.base_lrs) for s in self.schedulers]
         for scheduler, state in zip(self.schedulers, trainer["schedulers"]):
             scheduler.load_state_dict(state)
+        self._obey_config_lr(config_base_lrs)
         if self.scaler is not None and trainer["scaler"]:
             self.scaler.load_state_dict(trainer["scaler"])
         with torch.no_grad():
             self.pfc.weight.copy_(mine["weight"])
-        self.pfc_optimizer.load_state_dict(mine["pfc_optimizer"])  # momentum and the scheduled lr
         self.pfc.sampler.set_state(mine["sampler"])
         torch.set_rng_state(mine["torch_rng"])
         if mine["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         self.log(f"resumed from {folder} at step {trainer['step']}")
         return dict(step=trainer["step"], epoch=trainer["epoch"], batch_in_epoch=trainer["batch_in_epoch"])
+
+    def _obey_config_lr(self, config_base_lrs):
+        """The schedules continue at the checkpoint's step, but from this run's base lr: a resumed run with
+        another ``lr`` trains at it (the checkpoint's schedulers and optimizers carry the old one)."""
+        for scheduler, bases in zip(self.schedulers, config_base_lrs):
+            if list(scheduler.base_lrs) == bases:
+                continue
+            self.log(f"resume: base lr {scheduler.base_lrs[0]:g} in the checkpoint, {bases[0]:g} in the config: "
+                     f"the schedule continues at step {scheduler.last_epoch} from {bases[0]:g}")
+            scheduler.base_lrs = list(bases)
+            for group, base, factor in zip(scheduler.optimizer.param_groups, bases, scheduler.lr_lambdas):
+                group["initial_lr"] = base
+                group["lr"] = base * factor(scheduler.last_epoch)
 
     def save_final(self):
         """``model.pt`` (the backbone state_dict, arcface_torch layout) and each rank's class-center shard."""

@@ -4,9 +4,12 @@ A config file is a Python module that defines ``config`` (an ``easydict.EasyDict
 module's ``Config``), exactly like arcface_torch's ``configs/*.py``. Its keys override ``DEFAULTS`` below.
 A key that is not in ``DEFAULTS`` is an error naming the key and the file, so a typo never trains silently
 with a default.
+Every key also has a type and a range in ``SCHEMA``; ``load_config`` checks the merged config against it, so
+a bad value is a ``ConfigError`` naming the key, the value and what is allowed before anything is built.
 """
 import ast
 import importlib.util
+import numbers
 import os
 import sys
 
@@ -151,22 +154,184 @@ def merge(config, updates, source):
     return config
 
 
+# --- validation ---------------------------------------------------------------------------------------
+# A check takes a value and returns it (a list-valued key may be normalized, see ``seq``) or raises
+# ``_Invalid``; ``expected`` says in words what it accepts, for the error message.
+
+
+class _Invalid(Exception):
+    pass
+
+
+class _Check:
+    def __init__(self, expected, test, convert=None, many=None):
+        self.expected, self.test, self.convert = expected, test, convert
+        self.many = many or expected  # the plural, for a sequence of these
+
+    def __call__(self, value):
+        if self.convert is not None:
+            value = self.convert(value)
+        if not self.test(value):
+            raise _Invalid
+        return value
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v  # not NaN
+
+
+def _bounds(lo, hi, lo_open, hi_open):
+    """``(test, words)`` for a range; None means unbounded on that side."""
+    def test(v):
+        return ((lo is None or (v > lo if lo_open else v >= lo))
+                and (hi is None or (v < hi if hi_open else v <= hi)))
+    if lo is not None and hi is not None:
+        words = f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        words = f" {'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        words = f" {'<' if hi_open else '<='} {hi}"
+    else:
+        words = ""
+    return test, words
+
+
+def integer(lo=None, hi=None):
+    test, words = _bounds(lo, hi, False, False)
+    return _Check(f"an integer{words}", lambda v: _is_int(v) and test(v), many=f"integers{words}")
+
+
+def number(lo=None, hi=None, lo_open=False, hi_open=False):
+    """A float; ints are accepted (and kept as they are)."""
+    test, words = _bounds(lo, hi, lo_open, hi_open)
+    return _Check(f"a number{words}", lambda v: _is_number(v) and test(v), many=f"numbers{words}")
+
+
+_TRUTH = {"true": True, "false": False}
+
+
+def boolean():
+    # ``fp16=true`` on a command line is the string "true": read it as the user meant.
+    def convert(v):
+        return _TRUTH.get(v.strip().lower(), v) if isinstance(v, str) else v
+    return _Check("True or False", lambda v: isinstance(v, bool), convert)
+
+
+def string():
+    return _Check("a non-empty string", lambda v: isinstance(v, str) and v != "", many="non-empty strings")
+
+
+def choice(*values):
+    return _Check("one of " + ", ".join(repr(v) for v in values), lambda v: isinstance(v, str) and v in values)
+
+
+def optional(check):
+    return _Check(f"None or {check.expected}", lambda v: True,
+                  lambda v: v if v is None else check(v))
+
+
+def seq(item, length=None, split=False):
+    """A list or tuple of ``item``s (of exactly ``length`` when given). With ``split``, a single string is a
+    comma-separated list (``"lfw"`` is ``["lfw"]``, ``"lfw,cfp_fp"`` two targets); without, a single scalar
+    item of a free-length list is that one item."""
+    expected = f"a sequence of {length} {item.many}" if length is not None else f"a sequence of {item.many}"
+    if split:
+        expected += " (or one comma-separated string)"
+
+    def convert(v):
+        if isinstance(v, str) and split:
+            v = [part.strip() for part in v.split(",") if part.strip()]
+        elif length is None and not isinstance(v, (list, tuple)) and v is not None:
+            try:
+                v = [item(v)]
+            except _Invalid:
+                pass
+        if not isinstance(v, (list, tuple)) or (length is not None and len(v) != length):
+            raise _Invalid
+        items = [item(x) for x in v]
+        return v if all(a is b for a, b in zip(items, v)) else type(v)(items)
+    return _Check(expected, lambda v: True, convert)
+
+
+# The type and range of every key in DEFAULTS (``tests/test_config.py`` checks that none is missing).
+SCHEMA = dict(
+    network=string(),                            # a registered backbone; the registry checks the name
+    embedding_size=integer(1),
+    dropout=number(0, 1),
+    gradient_checkpointing=boolean(),
+    margin_list=seq(number(), 3),                # (m1, m2, m3)
+    scale=number(0, lo_open=True),
+    interclass_filtering_threshold=number(0, 1),  # 0 disables
+    sample_rate=number(0, 1, lo_open=True),
+    use_ext=boolean(),
+    rec=string(),
+    num_classes=optional(integer(1)),
+    num_image=optional(integer(1)),
+    shuffled_rec=boolean(),
+    shuffle_buffer=integer(1),
+    num_workers=integer(0),
+    batch_size=integer(1),
+    val_targets=seq(string(), split=True),
+    corrupt_images=choice("fail", "skip"),
+    synthetic_ids=integer(1),
+    synthetic_images_per_id=integer(1),
+    synthetic_val_ids=integer(2),                # negative pairs need two identities
+    synthetic_val_pairs=integer(1),
+    data_root=optional(string()),
+    optimizer=choice("sgd", "adamw"),
+    lr=number(0),
+    momentum=number(0, 1),
+    weight_decay=number(0),
+    num_epoch=number(0, lo_open=True),
+    warmup_epoch=number(0),
+    max_steps=optional(integer(1)),
+    lr_scheduler=choice("poly", "step"),
+    lr_steps=optional(seq(number(0))),           # steps, or fractions of training when below 1
+    lr_gamma=number(0, lo_open=True),
+    clip_grad_norm=optional(number(0)),          # None or 0 disables
+    gradient_acc=integer(1),
+    fp16=boolean(),
+    amp_dtype=optional(choice("float16", "bfloat16")),
+    max_bad_steps=integer(1),
+    zero_optimizer=boolean(),
+    seed=integer(0),
+    comm_backend=choice("auto", "horovod", "torch", "single"),
+    device=choice("auto", "cpu", "cuda"),
+    output=optional(string()),
+    frequent=integer(1),
+    verbose=integer(0),                          # 0 disables evaluation during training
+    val_batch_size=integer(1),
+    resume=boolean(),
+    save_all_states=boolean(),
+    save_every=optional(integer(0)),             # None or 0 disables
+    tensorboard=boolean(),
+    dali=boolean(),
+    dali_aug=boolean(),
+    using_wandb=boolean(),
+    wandb_key=optional(string()),
+    wandb_entity=optional(string()),
+    wandb_project=optional(string()),
+    wandb_log_all=boolean(),
+    wandb_resume=boolean(),
+    save_artifacts=boolean(),
+    suffix_run_name=optional(string()),
+    notes=optional(string()),
+)
+
+
 def validate(config):
-    m = config.margin_list
-    if len(m) != 3:
-        raise ConfigError(f"margin_list must be (m1, m2, m3), got {m!r}")
-    if not 0.0 < float(config.sample_rate) <= 1.0:
-        raise ConfigError(f"sample_rate must be in (0, 1], got {config.sample_rate!r}")
-    if config.comm_backend not in ("auto", "horovod", "torch", "single"):
-        raise ConfigError(f"comm_backend must be auto, horovod, torch or single, got {config.comm_backend!r}")
-    if config.optimizer not in ("sgd", "adamw"):
-        raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
-    if config.lr_scheduler not in ("poly", "step"):
-        raise ConfigError(f"lr_scheduler must be 'poly' or 'step', got {config.lr_scheduler!r}")
-    if int(config.gradient_acc) < 1:
-        raise ConfigError(f"gradient_acc must be >= 1, got {config.gradient_acc!r}")
-    if config.corrupt_images not in ("fail", "skip"):
-        raise ConfigError(f"corrupt_images must be 'fail' or 'skip', got {config.corrupt_images!r}")
+    """Checks every key against ``SCHEMA`` (normalizing list-valued keys in place); a bad value is a
+    ``ConfigError`` naming the key, the value and what the key accepts."""
+    for key, check in SCHEMA.items():
+        value = config[key]
+        try:
+            config[key] = check(value)
+        except _Invalid:
+            raise ConfigError(f"config key {key!r} = {value!r}: expected {check.expected}") from None
     return config
 
 

@@ -358,3 +358,50 @@ def test_resume_with_another_lr_trains_at_the_new_lr(tmp_path):
         assert Lrs.seen[step] == pytest.approx((0.01 * factor(step),) * 2, rel=1e-12)
     with open(os.path.join(cfg.output, "training.log")) as f:
         assert "base lr 0.1 in the checkpoint, 0.01 in the config" in f.read()
+
+
+def _two_checkpoints(tmp_path):
+    """A run that leaves checkpoints at steps 4 and 5 (the last two kept): the config and step_5's folder."""
+    cfg = _tiny_config(tmp_path, save_every=2, max_steps=5, save_all_states=True)
+    _train(cfg)
+    assert sorted(os.listdir(os.path.join(cfg.output, "checkpoints"))) == ["step_4", "step_5"]
+    return cfg, os.path.join(cfg.output, "checkpoints", "step_5")
+
+
+def _resume_log(cfg):
+    resumed = Trainer(Config(cfg, resume=True))
+    with open(os.path.join(cfg.output, "training.log")) as f:
+        return resumed, f.read()
+
+
+def test_damaged_shard_is_named_and_resume_falls_back(tmp_path):
+    cfg, newest = _two_checkpoints(tmp_path)
+    path = os.path.join(newest, "rank_0.pt")
+    with open(path, "r+b") as f:  # 4 KB overwritten inside the file: same size, other bytes
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\x7f" * 4096)
+    resumed, log = _resume_log(cfg)
+    assert resumed.step == 4
+    assert f"{path} does not match the sha256 checksum" in log
+    assert f"resumed from {os.path.dirname(newest)}{os.sep}step_4 at step 4" in log
+
+
+def test_truncated_trainer_file_is_named_and_resume_falls_back(tmp_path):
+    cfg, newest = _two_checkpoints(tmp_path)
+    path = os.path.join(newest, "trainer.pt")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    resumed, log = _resume_log(cfg)
+    assert resumed.step == 4
+    assert f"{path} is missing or not" in log
+
+
+def test_non_finite_checkpoint_is_never_sealed(tmp_path):
+    cfg = _tiny_config(tmp_path, save_every=0, max_steps=1)
+    trainer, _ = _train(cfg)
+    with torch.no_grad():
+        trainer.pfc.weight[0, 0] = float("nan")
+    trainer.checkpointer.save(7, 0, 0)
+    folder = checkpoint.step_dir(cfg.output, 7)
+    assert not os.path.exists(os.path.join(folder, checkpoint.MANIFEST))
+    assert checkpoint.latest_complete(cfg.output).endswith("step_1")  # the run's own final checkpoint

@@ -16,6 +16,7 @@ At the end of training, ``OUTPUT/model.pt`` (the backbone state_dict, arcface_to
 Every file is written to a temporary name and renamed, so a reader sees either the old file or the whole
 new one. ``torch.load(weights_only=True)`` reads everything back.
 """
+import hashlib
 import json
 import os
 import re
@@ -45,17 +46,46 @@ def step_dir(output, step):
     return os.path.join(output, "checkpoints", f"step_{step}")
 
 
-def _is_complete(folder):
-    manifest = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(manifest):
-        return False
+def file_digest(path):
+    """sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest_files(folder):
+    """``{name: {"size": n, "sha256": hex or None}}`` from a folder's manifest, or None without a valid one.
+    (Manifests of earlier versions list sizes only.)"""
     try:
-        with open(manifest) as f:
+        with open(os.path.join(folder, MANIFEST)) as f:
             files = json.load(f)["files"]
-    except (ValueError, KeyError, OSError):
-        return False
-    return all(os.path.isfile(os.path.join(folder, name)) and os.path.getsize(os.path.join(folder, name)) == size
-               for name, size in files.items())
+        return {name: entry if isinstance(entry, dict) else {"size": int(entry), "sha256": None}
+                for name, entry in files.items()}
+    except (ValueError, KeyError, OSError, TypeError, AttributeError):
+        return None
+
+
+def _is_complete(folder):
+    files = _manifest_files(folder)
+    return files is not None and all(
+        os.path.isfile(os.path.join(folder, name)) and os.path.getsize(os.path.join(folder, name)) == entry["size"]
+        for name, entry in files.items())
+
+
+def verify_file(folder, name):
+    """None when ``name`` in ``folder`` has its manifest's size and checksum, else what is wrong (a sentence
+    naming the file)."""
+    path = os.path.join(folder, name)
+    entry = (_manifest_files(folder) or {}).get(name)
+    if entry is None:
+        return f"{path} is not listed in {os.path.join(folder, MANIFEST)}"
+    if not os.path.isfile(path) or os.path.getsize(path) != entry["size"]:
+        return f"{path} is missing or not {entry['size']} bytes as its manifest says"
+    if entry["sha256"] is not None and file_digest(path) != entry["sha256"]:
+        return f"{path} does not match the sha256 checksum in its manifest (the file is damaged)"
+    return None
 
 
 def latest_complete(output):
@@ -71,13 +101,17 @@ def latest_complete(output):
     return None
 
 
-def write_manifest(folder, world_size, step, keep=2):
-    """Rank 0, after a barrier: seal ``folder`` and drop complete checkpoints older than the last ``keep``."""
+def write_manifest(folder, world_size, step, keep=2, digests=None):
+    """Rank 0, after a barrier: seal ``folder`` and drop complete checkpoints older than the last ``keep``.
+    ``digests`` maps file names to their sha256 (each rank hashes its own file); files not in it are hashed
+    here."""
     names = [f"rank_{r}.pt" for r in range(world_size)] + ["trainer.pt"]
     missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
     if missing:
         raise RuntimeError(f"checkpoint {folder} is missing {missing}; not sealing it")
-    files = {n: os.path.getsize(os.path.join(folder, n)) for n in names}
+    digests = digests or {}
+    files = {n: {"size": os.path.getsize(os.path.join(folder, n)),
+                 "sha256": digests.get(n) or file_digest(os.path.join(folder, n))} for n in names}
     write_json_atomic({"step": step, "world_size": world_size, "files": files}, os.path.join(folder, MANIFEST))
     root = os.path.dirname(folder)
     steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m)
@@ -113,9 +147,16 @@ class Checkpointer:
         if comm.rank == 0:
             os.makedirs(folder, exist_ok=True)
         comm.barrier()
-        save_atomic(self._rank_state(), os.path.join(folder, f"rank_{comm.rank}.pt"))
+        rank_state = self._rank_state()
+        rank_file = os.path.join(folder, f"rank_{comm.rank}.pt")
+        save_atomic(rank_state, rank_file)
+        # Each rank hashes its own shard; rank 0 gathers the digests into the manifest.
+        digest = torch.frombuffer(bytearray(bytes.fromhex(file_digest(rank_file))), dtype=torch.uint8)
+        digests = comm.allgather(digest).view(comm.size, -1)
+        finite = _all_finite([rank_state["weight"], *_tensors(rank_state["pfc_optimizer"])])
         comm.consolidate_optimizer_state(self.optimizer, root=0)
         if comm.rank == 0:
+            finite = finite and _all_finite([*self.backbone.state_dict().values()])
             state = dict(backbone=self.backbone.state_dict(), optimizer=self.optimizer.state_dict(),
                          schedulers=[s.state_dict() for s in self.schedulers],
                          scaler=self.scaler.state_dict() if self.scaler else None,
@@ -123,23 +164,27 @@ class Checkpointer:
                          world_size=comm.size, config=json.dumps(self.config, default=str))
             save_atomic(state, os.path.join(folder, "trainer.pt"))
         comm.barrier()
+        # A checkpoint whose tensors are not finite is never sealed: resume would carry them on.
+        finite = not bool(comm.allreduce(torch.tensor([0.0 if finite else 1.0]), "max").item())
         if comm.rank == 0:
-            write_manifest(folder, comm.size, step)
-            self.log(f"checkpoint {folder}")
+            if finite:
+                write_manifest(folder, comm.size, step,
+                               digests={f"rank_{r}.pt": bytes(digests[r].tolist()).hex() for r in range(comm.size)})
+                self.log(f"checkpoint {folder}")
+            else:
+                self.log(f"checkpoint {folder} not sealed: the model or the class centers hold non-finite values")
         comm.barrier()
 
     def resume(self):
         """Restore the newest complete checkpoint; returns its ``dict(step, epoch, batch_in_epoch)``, or None
         when there is none."""
-        folder = latest_complete(self.output)
+        folder, trainer, mine = self._newest_verified()
         if folder is None:
             self.log(f"resume=True but no complete checkpoint under {self.output}/checkpoints; starting fresh")
             return None
-        trainer = load(os.path.join(folder, "trainer.pt"))
         if trainer["world_size"] != self.comm.size:
             raise RuntimeError(f"checkpoint {folder} was written by {trainer['world_size']} ranks; this run has "
                                f"{self.comm.size}: class-center shards would not line up")
-        mine = load(os.path.join(folder, f"rank_{self.comm.rank}.pt"))
         self.backbone.load_state_dict(trainer["backbone"])
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.pfc_optimizer.load_state_dict(mine["pfc_optimizer"])  # momentum and the scheduled lr
@@ -157,6 +202,38 @@ class Checkpointer:
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         self.log(f"resumed from {folder} at step {trainer['step']}")
         return dict(step=trainer["step"], epoch=trainer["epoch"], batch_in_epoch=trainer["batch_in_epoch"])
+
+    def _newest_verified(self):
+        """``(folder, trainer state, this rank's state)`` of the newest complete checkpoint whose files match
+        their checksums and load, on every rank; a failing one is named in the log and the next older one
+        tried. ``(None, None, None)`` when there is none."""
+        comm = self.comm
+        root = os.path.join(self.output, "checkpoints")
+        steps = sorted((int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m),
+                       reverse=True) if os.path.isdir(root) else []
+        for step in steps:
+            folder = step_dir(self.output, step)
+            if _manifest_files(folder) is None:
+                continue  # never sealed: the run stopped while saving it
+            # Rank 0 checks trainer.pt, every rank its own shard; the ranks agree on the outcome.
+            names = (["trainer.pt"] if comm.rank == 0 else []) + [f"rank_{comm.rank}.pt"]
+            problem = next(filter(None, (verify_file(folder, n) for n in names)), None)
+            trainer = mine = None
+            if problem is None:
+                try:
+                    trainer = load(os.path.join(folder, "trainer.pt"))
+                    mine = load(os.path.join(folder, f"rank_{comm.rank}.pt"))
+                except Exception as exc:  # a damaged zip directory, an unreadable file
+                    problem = f"{folder}: cannot load ({type(exc).__name__}: {exc})"
+            failed = comm.allgather(torch.tensor([0 if problem is None else 1]))
+            if problem is not None:
+                print(f"[rank {comm.rank}] checkpoint not usable: {problem}", flush=True)
+            if not bool(failed.any()):
+                return folder, trainer, mine
+            ranks = torch.nonzero(failed).flatten().tolist()
+            self.log(f"checkpoint {folder} failed verification on rank(s) {ranks}"
+                     + (f": {problem}" if problem is not None else "") + "; trying the previous one")
+        return None, None, None
 
     def _obey_config_lr(self, config_base_lrs):
         """The schedules continue at the checkpoint's step, but from this run's base lr: a resumed run with
@@ -181,3 +258,19 @@ class Checkpointer:
             write_json_atomic(self.config, os.path.join(self.output, "config.json"))
             self.log(f"saved {os.path.join(self.output, 'model.pt')}")
         self.comm.barrier()
+
+
+def _tensors(obj):
+    """Every tensor inside nested dicts / lists / tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _all_finite(tensors):
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())

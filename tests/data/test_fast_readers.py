@@ -11,7 +11,7 @@ from partialfc.data.datasets import DataError, IndexedRecordDataset, SequentialR
 from partialfc.data.recordio import RecordIOError
 from partialfc.data.transforms import CorruptImageError, flip_bit, to_tensor_numpy
 
-from conftest import sample_image
+from conftest import sample_image, write_insightface_rec
 
 
 def asym_image(i, size=112):
@@ -240,7 +240,6 @@ def test_block_reads_without_preadv(mixed, monkeypatch):
 def test_sequential_reads_an_insightface_rec_without_its_idx(tmp_path):
     """The insightface layout (header record 0, identity records after the images) read front to back
     without train.idx: the same images, labels and class count as with the index."""
-    from conftest import write_insightface_rec
     with_idx, without_idx = str(tmp_path / "a"), str(tmp_path / "b")
     labels = write_insightface_rec(with_idx, 40, 7)
     write_insightface_rec(without_idx, 40, 7)

@@ -156,8 +156,9 @@ class Checkpointer:
         finite = _all_finite([rank_state["weight"], *_tensors(rank_state["pfc_optimizer"])])
         comm.consolidate_optimizer_state(self.optimizer, root=0)
         if comm.rank == 0:
-            finite = finite and _all_finite([*self.backbone.state_dict().values()])
-            state = dict(backbone=self.backbone.state_dict(), optimizer=self.optimizer.state_dict(),
+            backbone = self.backbone.state_dict()
+            finite = finite and _all_finite(backbone.values())
+            state = dict(backbone=backbone, optimizer=self.optimizer.state_dict(),
                          schedulers=[s.state_dict() for s in self.schedulers],
                          scaler=self.scaler.state_dict() if self.scaler else None,
                          step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,

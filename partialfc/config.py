@@ -84,12 +84,14 @@ DEFAULTS = dict(
     # --- distribution ---
     comm_backend="auto",           # "auto", "horovod", "torch" or "single"
     device="auto",                 # "auto", "cpu" or "cuda"
+    collective_timeout=1800,       # seconds without a finished step before a stuck rank ends the run; None: never
     # --- logging, evaluation, checkpoints ---
     output=None,                   # default work_dirs/<config name>
     frequent=10,                   # log every this many steps
     verbose=2000,                  # evaluate every this many steps
     val_batch_size=128,
     resume=False,
+    overwrite=False,               # resume=False into a folder holding another run's checkpoints: replace them
     save_all_states=True,          # also save optimizer, scaler and sampler states for exact resume
     save_every=None,               # save a resumable checkpoint every this many steps
     tensorboard=True,
@@ -301,11 +303,13 @@ SCHEMA = dict(
     seed=integer(0),
     comm_backend=choice("auto", "horovod", "torch", "single"),
     device=choice("auto", "cpu", "cuda"),
+    collective_timeout=optional(number(0, lo_open=True)),
     output=optional(string()),
     frequent=integer(1),
     verbose=integer(0),                          # 0 disables evaluation during training
     val_batch_size=integer(1),
     resume=boolean(),
+    overwrite=boolean(),
     save_all_states=boolean(),
     save_every=optional(integer(0)),             # None or 0 disables
     tensorboard=boolean(),

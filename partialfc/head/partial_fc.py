@@ -33,8 +33,9 @@ class CenterGrad:
 
     It is held as the gradient of the normalized centers (``d loss / d Ws`` [S, D], accumulation dtype),
     with the forward's normalized rows and inverse norms, so that the optimizer can fold the normalize
-    backward into the sparse update (``normalize_backward_sgd_update``). Micro-batches that share one
-    sample (``PartialFC.hold_sample``) add into it: the normalize backward is linear in that gradient.
+    backward into the sparse update (``normalize_backward_sgd_update``, ``normalize_backward_adamw_update``).
+    Micro-batches that share one sample (``PartialFC.hold_sample``) add into it: the normalize backward is
+    linear in that gradient.
     """
 
     def __init__(self, index, table):
@@ -96,6 +97,26 @@ class CenterGrad:
             if grad_scale != 1.0:
                 rows.div_(grad_scale)
             self.table.sparse_sgd_update(weight, momentum_buffer, self.index, rows, lr, momentum, weight_decay)
+        self.applied = True
+
+    @torch.no_grad()
+    def adamw_update(self, weight, exp_avg, exp_avg_sq, row_step, lr, beta1, beta2, eps, weight_decay,
+                     grad_scale=1.0):
+        """AdamW on the rows ``index`` of ``weight`` for this gradient divided by ``grad_scale``, each row with
+        its own step count in ``row_step``."""
+        if self.normalized_grad is None:
+            return
+        if not self.applied:
+            # As in sgd_update: the table still holds the rows the forward normalized.
+            self.table.normalize_backward_adamw_update(weight, exp_avg, exp_avg_sq, row_step, self.index,
+                                                       self.normalized_grad, self.inv_norm, lr, beta1, beta2, eps,
+                                                       weight_decay, grad_scale)
+        else:
+            rows = self.rows()
+            if grad_scale != 1.0:
+                rows.div_(grad_scale)
+            self.table.sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, self.index, rows, lr, beta1, beta2,
+                                           eps, weight_decay)
         self.applied = True
 
 

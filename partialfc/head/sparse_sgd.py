@@ -16,13 +16,18 @@ class SparseSGD(torch.optim.Optimizer):
         super().__init__([pfc.weight], dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.pfc = pfc
 
-    def momentum_buffer(self):
+    def materialize_state(self):
+        """The state of ``pfc.weight`` (``{"momentum_buffer": [C, D]}``), allocated (zeros) if missing, so a
+        checkpoint taken before the first step holds it too."""
         weight = self.param_groups[0]["params"][0]
         state = self.state[weight]
         if "momentum_buffer" not in state:
             # Allocated like the table (huge pages on CPU): the update touches S scattered rows of both.
             state["momentum_buffer"] = self.pfc.ops.empty_table(weight.shape, weight.dtype).zero_()
-        return state["momentum_buffer"]
+        return state
+
+    def momentum_buffer(self):
+        return self.materialize_state()["momentum_buffer"]
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)

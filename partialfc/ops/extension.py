@@ -100,6 +100,11 @@ if _C is not None:
                                             momentum, weight_decay, grad_scale):
         return None
 
+    @torch.library.register_fake(lib + "sparse_adamw_update")
+    def _sparse_adamw_update_fake(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, lr, beta1, beta2, eps,
+                                  weight_decay):
+        return None
+
     # Autograd of the functional gather_normalize w.r.t. the whole table. The Partial FC head does not use
     # it (its table never requires grad; it calls gather_normalize_backward and gets only the [S, D] rows);
     # it exists so that the op is a complete differentiable op (gradcheck, other callers).

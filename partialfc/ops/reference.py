@@ -212,3 +212,48 @@ def normalize_backward_sgd_update_ref(weight, momentum_buffer, index, grad_norma
     if grad_scale != 1.0:
         rows = rows / grad_scale
     sparse_sgd_update_ref(weight, momentum_buffer, index, rows, lr, momentum, weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sparse AdamW on the sampled rows
+
+
+def sparse_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, lr, beta1, beta2, eps,
+                            weight_decay):
+    """``torch.optim.AdamW`` (no amsgrad) applied to the rows ``index`` only, in place, each row with its own
+    step count ``row_step[index]`` (int64 or int32 [C]) for the bias corrections.
+
+    For each sampled row, with ``g`` its gradient (rounded to the table's dtype) and ``t = ++row_step[r]``:
+    ``w *= 1 - lr * weight_decay``; ``m = lerp(m, g, 1 - beta1)``; ``v = beta2 * v + (1 - beta2) * g * g``;
+    ``w -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``. Rows not in ``index`` keep weight,
+    moments and step bit for bit. ``index`` must hold distinct rows.
+    """
+    acc = accumulation_dtype(weight.dtype)
+    step = row_step.index_select(0, index) + 1
+    row_step.index_copy_(0, index, step)
+    t = step.to(torch.float64)
+    # Per-row constants in float64, as torch.optim.AdamW forms them in Python floats.
+    step_size = (lr / (1 - beta1 ** t)).to(acc)[:, None]
+    bc2_sqrt = (1 - beta2 ** t).sqrt().to(acc)[:, None]
+    g = grad_rows.to(weight.dtype).to(acc)
+    w = weight.index_select(0, index).to(acc)
+    if weight_decay:
+        w = w * (1 - lr * weight_decay)
+    m = exp_avg.index_select(0, index).to(acc).lerp_(g, 1 - beta1)
+    v = exp_avg_sq.index_select(0, index).to(acc).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    w = w - step_size * (m / (v.sqrt() / bc2_sqrt + eps))
+    exp_avg.index_copy_(0, index, m.to(exp_avg.dtype))
+    exp_avg_sq.index_copy_(0, index, v.to(exp_avg_sq.dtype))
+    weight.index_copy_(0, index, w.to(weight.dtype))
+
+
+def normalize_backward_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized, inv_norm, lr,
+                                        beta1, beta2, eps, weight_decay, grad_scale=1.0):
+    """``sparse_adamw_update`` of the gradient rows that ``gather_normalize_backward`` gives for
+    ``grad_normalized`` [S, D], divided by ``grad_scale``; the normalized rows are recomputed from the table
+    (unchanged since the forward), as in ``normalize_backward_sgd_update_ref``."""
+    normalized = weight.index_select(0, index).to(inv_norm.dtype) * inv_norm[:, None]
+    rows = gather_normalize_backward_ref(grad_normalized, normalized, inv_norm)
+    if grad_scale != 1.0:
+        rows = rows / grad_scale
+    sparse_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, rows, lr, beta1, beta2, eps, weight_decay)

@@ -13,6 +13,10 @@ underneath. Every table offers the same signatures, the ``_out`` and in-place fo
     sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay)
     normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
                                   weight_decay, grad_scale)
+    sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, lr, beta1, beta2, eps,
+                        weight_decay)
+    normalize_backward_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized, inv_norm, lr,
+                                    beta1, beta2, eps, weight_decay, grad_scale)
 
 and the memory of the step: ``empty(name, shape, dtype)`` for a scratch tensor of this step,
 ``empty_logits(name, batch, num_sample, dtype)`` for a [B, S] logits tensor, ``empty_table(shape, dtype)``
@@ -65,6 +69,8 @@ class ReferenceOps(OpTable):
     margin_softmax_backward = staticmethod(reference.margin_softmax_backward_ref)
     sparse_sgd_update = staticmethod(reference.sparse_sgd_update_ref)
     normalize_backward_sgd_update = staticmethod(reference.normalize_backward_sgd_update_ref)
+    sparse_adamw_update = staticmethod(reference.sparse_adamw_update_ref)
+    normalize_backward_adamw_update = staticmethod(reference.normalize_backward_adamw_update_ref)
 
 
 class CompiledOps(OpTable):
@@ -119,6 +125,27 @@ class CompiledOps(OpTable):
         if grad_scale != 1.0:
             rows.div_(grad_scale)
         self.sparse_sgd_update(weight, momentum_buffer, index, rows, lr, momentum, weight_decay)
+
+    @staticmethod
+    def sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, lr, beta1, beta2, eps,
+                            weight_decay):
+        torch.ops.partialfc.sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, float(lr),
+                                                float(beta1), float(beta2), float(eps), float(weight_decay))
+
+    def normalize_backward_adamw_update(self, weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized,
+                                        inv_norm, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0):
+        # No fused kernel: the normalize backward into step buffers (reused ones on the CPU table), then the
+        # sparse update; the normalized rows are recomputed from the table, as the fused SGD update does.
+        shape = (index.numel(), weight.shape[1])
+        normalized = self.empty("adamw_normalized", shape, weight.dtype)
+        torch.index_select(weight, 0, index, out=normalized)
+        normalized = normalized.to(inv_norm.dtype).mul_(inv_norm[:, None])
+        rows = self.empty("adamw_grad_rows", shape, inv_norm.dtype)
+        self.gather_normalize_backward_out(grad_normalized, normalized, inv_norm, rows)
+        if grad_scale != 1.0:
+            rows.div_(grad_scale)
+        self.sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index, rows, lr, beta1, beta2, eps,
+                                 weight_decay)
 
 
 def op_table(device, use_ext=True):

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from . import recordio
 from .fast_reader import FORK_GENERATION, RecFile, read_spans
 from .recordio import (FRAME_FLAG_LABEL, FRAME_SIZE, IR_FLAG_LABEL, IR_HEADER_SIZE, LABEL_VALUE, MAGIC,
-                       RecordIOError, header_label, parse_record, record_id, split_label, unpack)
+                       RecordIOError, header_label, parse_record, read_labels, record_id, split_label, unpack)
 from .transforms import (CorruptCounter, CorruptImageError, FlipTable, decode_to_tensor, decoded_to_tensor,
                          flip_bit)
 
@@ -41,13 +41,63 @@ _ID_RE = re.compile(r"^(?:id_)?(\d+)$")
 
 
 class DataError(ValueError):
-    """Invalid training data (label out of range, missing index, empty folder ...)."""
+    """Invalid training data (label out of range, class counts that disagree, missing index, empty folder ...)."""
 
 
-def check_label(label, num_classes, path, key):
-    if num_classes is not None and not 0 <= label < num_classes:
-        raise DataError(f"label {label} of record key {key!r} in {path!r} is outside [0, {num_classes}) "
-                        f"(num_classes = {num_classes}); fix the data or set num_classes to cover it")
+def property_path(folder):
+    return os.path.join(folder, "property")
+
+
+def resolve_num_classes(labels, path, describe, num_classes=None, header_count=None, header_source=None,
+                        property_dir=None):
+    """The class count of a training set: the one rule every reader applies at open (docs/data.md, "Class
+    count").
+
+    ``labels`` are the classes of all images, known without decoding; ``describe(i)`` names image ``i``
+    (record key and offset, or file) in messages about ``path``. ``num_classes`` (the config's) wins when
+    given, and must cover every label. Otherwise every available count must agree: the identity range of the
+    insightface header record (``header_count``, described by ``header_source``), ``property`` in
+    ``property_dir`` (``num_classes,112,112``) and the labels' max + 1. Any disagreement, a negative label or
+    one outside the count is a ``DataError`` naming the values and the files they come from.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise DataError(f"{path!r} holds no images")
+    neg = np.flatnonzero(labels < 0)
+    if neg.size:
+        i = int(neg[0])
+        raise DataError(f"label {int(labels[i])} of {describe(i)} in {path!r} is negative; labels are class "
+                        f"indices 0, 1, ...: fix the data")
+    top = int(np.argmax(labels))
+    max_label = int(labels[top])
+    if num_classes is not None:
+        n = int(num_classes)
+        if max_label >= n:
+            i = int(np.flatnonzero(labels >= n)[0])
+            raise DataError(f"label {int(labels[i])} of {describe(i)} in {path!r} is outside [0, {n}) "
+                            f"(num_classes = {n} from the config); fix the data or set num_classes to cover it")
+        return n
+    counts = []  # (count, where it comes from), in order of precedence
+    if header_count is not None:
+        counts.append((int(header_count), header_source))
+    if property_dir is not None:
+        prop = read_property(property_dir)
+        if prop is not None:
+            counts.append((prop, f"property file {property_path(property_dir)!r}"))
+    counts.append((max_label + 1, f"the labels of {path!r} (max label {max_label}, {describe(top)})"))
+    if len({c for c, _ in counts}) > 1:
+        said = "; ".join(f"{where} says {c}" + (f", too few for label {max_label}" if c <= max_label else "")
+                         for c, where in counts)
+        raise DataError(f"the class count of {path!r} is ambiguous: {said}. Fix the file that is wrong "
+                        f"(property holds 'num_classes,112,112'), or set num_classes in the config")
+    return counts[0][0]
+
+
+def label_mismatch(path, record, header_label_value, label, label_key):
+    """The error for an image whose own header label is not the label of the identity record holding it."""
+    return DataError(f"{record} of {path!r} has label {header_label_value} in its header, but identity record "
+                     f"key {label_key} (label {label}) lists it among its images; the header and the identity "
+                     f"records disagree: rebuild the file (python -m partialfc.tools.im2rec)")
 
 
 def read_index(idx_path, rec_path):
@@ -114,7 +164,79 @@ class _Augmented:
         return table(index)
 
 
-class IndexedRecordDataset(_Augmented, Dataset):
+def insightface_images(rec, path, idx_path, h0, pos, offsets):
+    """The images of an insightface-layout file from its .idx: (image keys 1..a-1, their offsets, labels,
+    label keys). Labels come from the identity records (one read per identity; ``label_keys`` holds the
+    identity record's key); an image outside every identity range takes its own header's label (and its own
+    key)."""
+    first_id, end_id = int(h0.label[0]), int(h0.label[1])
+    image_keys = np.arange(1, first_id, dtype=np.int64)
+    missing = [k for k in range(1, first_id) if k not in pos]
+    if missing:
+        raise DataError(f"{path!r}: header record 0 says image keys 1..{first_id - 1}, but key "
+                        f"{missing[0]} is not in {idx_path!r} ({len(missing)} missing)")
+    image_offsets = offsets[[pos[k] for k in range(1, first_id)]]
+    labels = np.full(len(image_keys), -1, dtype=np.int64)
+    label_keys = np.zeros(len(image_keys), dtype=np.int64)
+    for ident, key in enumerate(range(first_id, end_id)):
+        if key not in pos:
+            raise DataError(f"{path!r}: identity record key {key} (label {ident}) is not in {idx_path!r}")
+        h = rec.header(offsets[pos[key]], key)
+        if np.isscalar(h.label) or len(h.label) < 2:
+            raise DataError(f"{path!r}: identity record key {key} has label {h.label!r}, "
+                            f"expected (first image key, end image key)")
+        lo, hi = int(h.label[0]), int(h.label[1])
+        if not 1 <= lo <= hi <= first_id:
+            raise DataError(f"{path!r}: identity record key {key} has image range [{lo}, {hi}) "
+                            f"outside the image keys [1, {first_id})")
+        taken = np.flatnonzero(labels[lo - 1:hi - 1] >= 0)
+        if taken.size:
+            k = lo + int(taken[0])
+            raise DataError(f"{path!r}: image key {k} is in the ranges of identity records key "
+                            f"{int(label_keys[k - 1])} and key {key}; each image belongs to one identity")
+        labels[lo - 1:hi - 1] = ident
+        label_keys[lo - 1:hi - 1] = key
+    unlabeled = np.flatnonzero(labels < 0)
+    if unlabeled.size:  # images outside every identity range: their own header decides
+        labels[unlabeled] = read_labels(path, image_offsets[unlabeled], image_keys[unlabeled])
+        label_keys[unlabeled] = image_keys[unlabeled]
+    return image_keys, image_offsets, labels, label_keys, end_id - first_id
+
+
+def header_source(path, h0):
+    return (f"header record 0 of {path!r} (identity records keys {int(h0.label[0])}..{int(h0.label[1]) - 1})")
+
+
+class _Labeled:
+    """The label bookkeeping both record readers share: ``labels[i]`` (known at open) and ``label_keys[i]``
+    (the record that gave it: an identity record in the insightface layout, the image itself otherwise)."""
+
+    def _where(self, i, offset=False):
+        if self.keys is None:
+            return f"record at offset {int(self.offsets[i])}"
+        return f"record key {int(self.keys[i])}" + (f" (offset {int(self.offsets[i])})" if offset else "")
+
+    def _label_where(self, i):
+        """The record a label known at open came from (the identity record in the insightface layout)."""
+        if self.keys is not None and self.label_keys[i] != self.keys[i]:
+            return f"record key {int(self.label_keys[i])}"
+        return self._where(i)
+
+    def _check_read_label(self, i, label):
+        """A read image's own header label against the one known at open (they differ only in the
+        insightface layout, where the identity records gave it, or when the file changed underneath)."""
+        known = int(self.labels[i])
+        if label != known and self.keys is not None and self.label_keys[i] != self.keys[i]:
+            raise label_mismatch(self.path, self._where(i, offset=True), label, known, int(self.label_keys[i]))
+        if not 0 <= label < self.num_classes:
+            raise DataError(f"label {label} of {self._where(i)} in {self.path!r} (offset {int(self.offsets[i])}) "
+                            f"is outside [0, {self.num_classes}) (num_classes = {self.num_classes})")
+        if label != known:
+            raise DataError(f"{self._where(i, offset=True)} of {self.path!r} has label {label}, but it had label "
+                            f"{known} when the file was opened: the file changed during training")
+
+
+class IndexedRecordDataset(_Augmented, _Labeled, Dataset):
     """Random access over ``train.rec`` + ``train.idx`` (insightface layout or plain im2rec)."""
 
     def __init__(self, rec_path, idx_path=None, num_classes=None, seed=0, random_flip=True,
@@ -132,54 +254,21 @@ class IndexedRecordDataset(_Augmented, Dataset):
             h0, payload0 = unpack(self.file.record(offsets[pos[0]], 0))
             if is_header_record(h0, payload0):
                 self.layout = "insightface"
+        header_count = source = None
         if self.layout == "insightface":
-            self._open_insightface(h0, keys, offsets, pos)
+            self.keys, self.offsets, self.labels, self.label_keys, header_count = insightface_images(
+                self.file, self.path, self.idx_path, h0, pos, offsets)
+            source = header_source(self.path, h0)
         else:
             self.keys = np.asarray(keys, dtype=np.int64)
             self.offsets = offsets
-            self.labels = np.empty(len(keys), dtype=np.int64)
-            for i, (k, off) in enumerate(zip(keys, offsets)):
-                self.labels[i] = header_label(self.file.header(off, k))
+            self.labels = read_labels(self.path, offsets, keys)
+            self.label_keys = self.keys
         if len(self.keys) == 0:
             raise DataError(f"RecordIO file {self.path!r} holds no images")
         self.extents = record_extents(self.offsets, offsets, os.path.getsize(self.path))
-        inferred = int(self.labels.max()) + 1
-        self.num_classes = int(num_classes) if num_classes is not None else inferred
-        bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
-        if bad.size:
-            i = int(bad[0])
-            key = int(self.label_keys[i] if self.layout == "insightface" else self.keys[i])
-            check_label(int(self.labels[i]), self.num_classes, self.path, key)
-
-    def _open_insightface(self, h0, keys, offsets, pos):
-        first_id, end_id = int(h0.label[0]), int(h0.label[1])
-        image_keys = np.arange(1, first_id, dtype=np.int64)
-        missing = [k for k in range(1, first_id) if k not in pos]
-        if missing:
-            raise DataError(f"{self.path!r}: header record 0 says image keys 1..{first_id - 1}, but key "
-                            f"{missing[0]} is not in {self.idx_path!r} ({len(missing)} missing)")
-        self.keys = image_keys
-        self.offsets = offsets[[pos[k] for k in range(1, first_id)]]
-        self.labels = np.full(len(image_keys), -1, dtype=np.int64)
-        self.label_keys = np.zeros(len(image_keys), dtype=np.int64)
-        for ident, key in enumerate(range(first_id, end_id)):
-            if key not in pos:
-                raise DataError(f"{self.path!r}: identity record key {key} (label {ident}) is not in "
-                                f"{self.idx_path!r}")
-            h = self.file.header(offsets[pos[key]], key)
-            if np.isscalar(h.label) or len(h.label) < 2:
-                raise DataError(f"{self.path!r}: identity record key {key} has label {h.label!r}, "
-                                f"expected (first image key, end image key)")
-            a, b = int(h.label[0]), int(h.label[1])
-            if not 1 <= a <= b <= first_id:
-                raise DataError(f"{self.path!r}: identity record key {key} has image range [{a}, {b}) "
-                                f"outside the image keys [1, {first_id})")
-            self.labels[a - 1:b - 1] = ident
-            self.label_keys[a - 1:b - 1] = key
-        unlabeled = np.flatnonzero(self.labels < 0)
-        for i in unlabeled:  # images outside every identity range: their own header decides
-            self.labels[i] = header_label(self.file.header(self.offsets[i], int(self.keys[i])))
-            self.label_keys[i] = self.keys[i]
+        self.num_classes = resolve_num_classes(self.labels, self.path, self._label_where, num_classes,
+                                               header_count, source, os.path.dirname(self.path))
 
     def __len__(self):
         return len(self.keys)
@@ -197,7 +286,8 @@ class IndexedRecordDataset(_Augmented, Dataset):
             # and a non-empty payload
             if magic == MAGIC and flag == 0 and _HEAD_END < FRAME_SIZE + lrec <= len(buf):
                 label = int(label)
-                if 0 <= label < self.num_classes:
+                # the label known at open (in range; in the insightface layout the identity record's)
+                if label == self.labels.item(i) and label < self.num_classes:
                     img = cv2.imdecode(np.frombuffer(buf, np.uint8, lrec - IR_HEADER_SIZE, _HEAD_END),
                                        cv2.IMREAD_COLOR)
                     if img is not None:
@@ -218,8 +308,8 @@ class IndexedRecordDataset(_Augmented, Dataset):
                 label = header_label(header)
             else:
                 label, payload = parsed
-            if not 0 <= label < self.num_classes:
-                check_label(label, self.num_classes, self.path, key)
+            if label != self.labels[i] or not 0 <= label < self.num_classes:
+                self._check_read_label(i, label)
             try:
                 img = decode_to_tensor(payload, self._flip(index),
                                        where=lambda: f"record key {key} of {self.path!r} (offset {off})")
@@ -268,10 +358,9 @@ class ImageFolderDataset(_Augmented, Dataset):
         self.root = os.fspath(root)
         self.samples, self.classes = scan_image_folder(self.root)
         self.labels = np.asarray([lab for _, lab in self.samples], dtype=np.int64)
-        self.num_classes = int(num_classes) if num_classes is not None else len(self.classes)
-        if len(self.classes) > self.num_classes:
-            path, label = next((p, lab) for p, lab in self.samples if lab >= self.num_classes)
-            check_label(label, self.num_classes, path, os.path.basename(os.path.dirname(path)))
+        self.num_classes = resolve_num_classes(
+            self.labels, self.root, lambda i: f"folder {os.path.basename(os.path.dirname(self.samples[i][0]))!r}",
+            num_classes, property_dir=self.root)
 
     def __len__(self):
         return len(self.samples)
@@ -291,27 +380,36 @@ class ImageFolderDataset(_Augmented, Dataset):
 
 
 def sequential_offsets(path, idx_path):
-    """Byte offsets (file order) of the image records of a .rec read front to back, their extents (bytes to
-    the next record start), the labels known without reading payloads (None when they were not scanned) and
-    the identity count of the insightface layout (else None)."""
+    """What the sequential reader knows at open, in file order: a dict with the image records' byte
+    ``offsets``, their ``extents`` (bytes to the next record start), ``labels``, ``keys`` (None without an
+    .idx), ``label_keys`` (the record each label came from, as in ``insightface_images``), and for the
+    insightface layout ``header_count`` (identities in header record 0) and ``header_source``."""
     size = os.path.getsize(path)
+    out = dict(header_count=None, header_source=None)
     if idx_path and os.path.isfile(idx_path):
         keys, all_offsets = read_index(idx_path, path)
-        order = np.argsort(all_offsets, kind="stable")
-        offsets = all_offsets[order]
-        keys = [keys[i] for i in order]
-        n_ids = None
-        if len(offsets):
-            h0, p0 = unpack(RecFile(path).record(offsets[0], keys[0]))
-            if is_header_record(h0, p0):
-                first_id = int(h0.label[0])
-                # insightface layout: image keys 1 .. first_id-1, identity records after them
-                keep = np.asarray([1 <= k < first_id for k in keys], dtype=bool)
-                offsets, n_ids = offsets[keep], int(h0.label[1]) - first_id
-        return offsets, record_extents(offsets, all_offsets, size), None, n_ids
-    starts, offsets, labels, n_ids = [], [], [], None
+        pos = dict(zip(keys, range(len(keys))))
+        rec = RecFile(path)
+        h0 = None
+        if 0 in pos:
+            h0, p0 = unpack(rec.record(all_offsets[pos[0]], 0))
+            h0 = h0 if is_header_record(h0, p0) else None
+        if h0 is not None:
+            image_keys, offsets, labels, label_keys, out["header_count"] = insightface_images(
+                rec, path, idx_path, h0, pos, all_offsets)
+            out["header_source"] = header_source(path, h0)
+        else:
+            image_keys, offsets = np.asarray(keys, dtype=np.int64), all_offsets
+            labels = read_labels(path, offsets, keys)
+            label_keys = image_keys
+        order = np.argsort(offsets, kind="stable")
+        out.update(offsets=offsets[order], keys=image_keys[order], labels=labels[order],
+                   label_keys=label_keys[order])
+        out["extents"] = record_extents(out["offsets"], all_offsets, size)
+        return out
+    starts, offsets, labels, identities, h0 = [], [], [], [], None
     # The IRHeader and the first two values of a multi-value label: enough for the class of an image and for
-    # the insightface header record's identity range, without reading a payload.
+    # the identity ranges of the insightface header and identity records, without reading a payload.
     header_bytes = IR_HEADER_SIZE + 2 * LABEL_VALUE.size
     for off, length, first in recordio.scan_records(path, header_bytes=header_bytes):
         starts.append(off)
@@ -319,20 +417,44 @@ def sequential_offsets(path, idx_path):
             raise DataError(f"record at offset {off} of {path!r} is {length} bytes, shorter than an IRHeader")
         flag, label = IR_FLAG_LABEL.unpack_from(first)
         if flag > 0 and length == IR_HEADER_SIZE + 4 * flag:  # header or identity record: labels, no image
-            if len(starts) == 1 and flag >= 2:
-                # insightface header record 0: label = (first identity key, end key)
-                first_id, end_id = (LABEL_VALUE.unpack_from(first, IR_HEADER_SIZE + 4 * i)[0] for i in (0, 1))
-                n_ids = int(end_id) - int(first_id)
+            if flag >= 2:
+                lo, hi = (int(LABEL_VALUE.unpack_from(first, IR_HEADER_SIZE + 4 * i)[0]) for i in (0, 1))
+                if len(starts) == 1:  # insightface header record 0: label = (first identity key, end key)
+                    h0 = (lo, hi)
+                else:  # an identity record: label = (first image key, end image key)
+                    identities.append((len(starts) - 1, lo, hi))
             continue
         if flag > 0:  # a multi-value label: the class is its first value, after the header
             if len(first) < IR_HEADER_SIZE + LABEL_VALUE.size:
                 raise DataError(f"record at offset {off} of {path!r} says it has {flag} float32 labels but "
                                 f"is only {length} bytes long")
             label = LABEL_VALUE.unpack_from(first, IR_HEADER_SIZE)[0]
+        if not np.isfinite(label):
+            raise DataError(f"record at offset {off} of {path!r} has label {label}, not a class index")
         offsets.append(off)
         labels.append(int(label))
     offsets = np.asarray(offsets, dtype=np.int64)
-    return offsets, record_extents(offsets, starts, size), np.asarray(labels, dtype=np.int64), n_ids
+    labels = np.asarray(labels, dtype=np.int64)
+    out.update(offsets=offsets, extents=record_extents(offsets, starts, size), labels=labels, keys=None,
+               label_keys=None)
+    if h0 is not None:
+        out["header_count"] = h0[1] - h0[0]
+        out["header_source"] = (f"header record 0 of {path!r} (identity records keys {h0[0]}..{h0[1] - 1})")
+        check_identity_ranges(path, offsets, starts, labels, identities)
+    return out
+
+
+def check_identity_ranges(path, offsets, starts, labels, identities):
+    """Without an .idx a record's key is its position in the file (im2rec writes keys in order): every image
+    in identity ``k``'s key range must carry label ``k`` in its own header."""
+    image_keys = np.searchsorted(np.asarray(starts, dtype=np.int64), offsets)
+    for ident, (key, lo, hi) in enumerate(identities):
+        a, b = np.searchsorted(image_keys, (lo, hi))
+        wrong = np.flatnonzero(labels[a:b] != ident)
+        if wrong.size:
+            i = int(a + wrong[0])
+            raise label_mismatch(path, f"record key {int(image_keys[i])} (offset {int(offsets[i])})",
+                                 int(labels[i]), ident, key)
 
 
 def read_property(folder):
@@ -347,7 +469,7 @@ def read_property(folder):
     return None
 
 
-class SequentialRecordDataset(_Augmented, IterableDataset):
+class SequentialRecordDataset(_Augmented, _Labeled, IterableDataset):
     """One front-to-back pass over a (shuffled) .rec per epoch, with an in-memory shuffle buffer.
 
     The records are cut into contiguous chunks; each epoch the chunk order is permuted from
@@ -367,19 +489,13 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
             raise DataError(f"RecordIO file {self.path!r} does not exist")
         if idx_path is None:
             idx_path = os.path.splitext(self.path)[0] + ".idx"
-        self.offsets, self.extents, labels, n_ids = sequential_offsets(self.path, idx_path)
+        scan = sequential_offsets(self.path, idx_path)
+        self.offsets, self.extents, self.labels = scan["offsets"], scan["extents"], scan["labels"]
+        self.keys, self.label_keys = scan["keys"], scan["label_keys"]
         self.num_images = len(self.offsets)
-        if num_classes is None:
-            num_classes = read_property(os.path.dirname(self.path)) or n_ids
-            if num_classes is None:
-                if labels is None:
-                    labels = np.asarray([header_label(RecFile(self.path).header(o)) for o in self.offsets])
-                num_classes = int(labels.max()) + 1 if len(labels) else 0
-        self.num_classes = int(num_classes)
-        if labels is not None and len(labels):
-            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
-            if bad.size:
-                check_label(int(labels[bad[0]]), self.num_classes, self.path, f"offset {self.offsets[bad[0]]}")
+        self.num_classes = resolve_num_classes(self.labels, self.path, self._label_where, num_classes,
+                                               scan["header_count"], scan["header_source"],
+                                               os.path.dirname(self.path))
         self.rank, self.world_size = int(rank), int(world_size)
         self.batch_size = int(batch_size)
         self.num_workers = max(int(num_workers), 0)
@@ -465,7 +581,7 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
             flag, label = IR_FLAG_LABEL.unpack_from(rec)
             if flag == 0:
                 label = int(label)
-                if 0 <= label < self.num_classes:
+                if label == self.labels.item(i) and label < self.num_classes:  # the label known at open
                     img = cv2.imdecode(np.frombuffer(rec, np.uint8, len(rec) - IR_HEADER_SIZE, IR_HEADER_SIZE),
                                        cv2.IMREAD_COLOR)
                     if img is not None:
@@ -476,8 +592,8 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
         """``_decode`` off the fast path: multi-value labels, labels out of range, undecodable images."""
         i, off, rec = item
         label, payload = split_label(rec)
-        if not 0 <= label < self.num_classes:
-            check_label(label, self.num_classes, self.path, f"{record_id(rec)} (offset {off})")
+        if label != self.labels[i] or not 0 <= label < self.num_classes:
+            self._check_read_label(i, label)
         try:
             return decode_to_tensor(payload, self._flip(i),
                                     where=lambda: f"record key {record_id(rec)} of {self.path!r} (offset {off})"), label
@@ -490,6 +606,8 @@ class SequentialRecordDataset(_Augmented, IterableDataset):
                     break
                 j = int(rng.integers(len(buf)))
                 label2, payload2 = split_label(buf[j][2])
+                if label2 != self.labels[buf[j][0]] or not 0 <= label2 < self.num_classes:
+                    self._check_read_label(buf[j][0], label2)
                 try:
                     return decode_to_tensor(payload2, self._flip(buf[j][0])), label2
                 except CorruptImageError:

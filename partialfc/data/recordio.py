@@ -35,7 +35,7 @@ __all__ = [
     "RecordIOError", "MAGIC", "MAGIC_BYTES", "MAX_RECORD_BYTES", "CFLAG_SHIFT", "LEN_MASK", "FRAME",
     "FRAME_SIZE", "IR_FORMAT", "IR_HEADER", "IR_HEADER_SIZE", "IR_FLAG_LABEL", "FRAME_FLAG_LABEL",
     "LABEL_VALUE", "encode_record", "read_record_at", "read_header_at", "scan_records", "parse_index",
-    "read_index", "parse_record", "header_label", "split_label", "record_id",
+    "read_index", "parse_record", "header_label", "split_label", "record_id", "read_labels",
 ]
 
 # --- the frame: magic | lrec (cflag << 29 | length) | payload | padding to 4 bytes ---
@@ -480,6 +480,55 @@ def split_label(rec):
 def record_id(rec):
     """The ``id`` field of the IRHeader at the start of a record's bytes."""
     return IR_HEADER.unpack_from(rec)[2]
+
+
+def read_labels(path, offsets, keys=None, block=1 << 16):
+    """The class (``header_label``) of each record starting at ``offsets`` of ``path``, without reading
+    payloads: an int64 array in the order of ``offsets``.
+
+    The first 36 bytes of every record (frame, IRHeader, first label value) are gathered from a memory map,
+    ``block`` records at a time; a record those bytes do not settle (a multi-part record, a damaged frame, a
+    non-finite label) goes through ``read_header_at``, which reads it whole or raises the error naming it
+    (with its key from ``keys``, when given).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    out = np.empty(len(offsets), dtype=np.int64)
+    size = os.path.getsize(path)
+    if len(offsets) == 0:
+        return out
+    if size == 0:
+        raise RecordIOError(f"RecordIO file {path!r} is empty but {len(offsets)} records are expected")
+    head = FRAME_SIZE + IR_HEADER_SIZE + LABEL_VALUE.size
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    span = np.arange(head, dtype=np.int64)
+    fd = None
+    try:
+        for lo in range(0, len(offsets), block):
+            off = offsets[lo:lo + block]
+            raw = np.ascontiguousarray(data[np.minimum(off[:, None] + span, size - 1)]).view("<u4")
+            magic, lrec, flag = raw[:, 0], raw[:, 1], raw[:, 2].astype(np.int64)
+            length = (lrec & LEN_MASK).astype(np.int64)
+            values = np.where(flag == 0, raw[:, 3], raw[:, 8]).view("<f4")
+            ok = ((magic == MAGIC) & (lrec >> CFLAG_SHIFT == 0) & (off + FRAME_SIZE + length <= size)
+                  & (length >= IR_HEADER_SIZE + 4 * flag) & ((flag == 0) | (length >= head - FRAME_SIZE))
+                  & np.isfinite(values) & (np.abs(values) < 2.0 ** 62))
+            labels = np.trunc(values).astype(np.int64)
+            for j in np.flatnonzero(~ok):  # the general reader joins multi-part records or names the damage
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY)
+                key = None if keys is None else keys[lo + j]
+                label = read_header_at(fd, int(off[j]), path, key).label
+                value = float(label if np.isscalar(label) else label[0])
+                if not np.isfinite(value) or abs(value) >= 2.0 ** 62:
+                    raise RecordIOError(f"record {_where(path, int(off[j]), key)} has label {value}, "
+                                        f"not a class index")
+                labels[j] = int(value)
+            out[lo:lo + len(off)] = labels
+    finally:
+        if fd is not None:
+            os.close(fd)
+        del data
+    return out
 
 
 def _cv2():

@@ -9,6 +9,8 @@ The uint8 BGR -> normalized float RGB conversion (plus the mirror) is the compil
 ``PARTIALFC_DISABLE_EXT=1``), otherwise ``to_tensor_numpy``; both give the same float32 values.
 """
 import logging
+import multiprocessing
+from multiprocessing.context import get_spawning_popen
 
 import cv2
 import numpy as np
@@ -162,12 +164,33 @@ class FlipTable:
 
 
 class CorruptCounter:
-    """Counts images skipped under ``corrupt_images="skip"`` and logs each with a running total."""
+    """Counts images skipped under ``corrupt_images="skip"`` and logs each with the running total.
 
-    def __init__(self):
-        self.count = 0
+    The count lives in shared memory, so that it is one total per dataset over every DataLoader worker and
+    every epoch: workers are started afresh each epoch from the main process's dataset, and a count kept in
+    a worker's copy would restart at each epoch and in each worker. A copy made by pickling outside a process
+    start (``copy.deepcopy``, ``pickle.dumps``) gets its own counter, starting at the count it was made at.
+    """
+
+    def __init__(self, count=0):
+        self._total = multiprocessing.Value("q", int(count))  # with a lock: workers increment it at once
+
+    @property
+    def count(self):
+        return self._total.value
 
     def skipped(self, message):
-        self.count += 1
-        if self.count <= 10 or (self.count & (self.count - 1)) == 0:
-            logger.warning("skipping corrupt image #%d in this worker: %s", self.count, message)
+        with self._total.get_lock():
+            self._total.value += 1
+            n = self._total.value
+        if n <= 10 or (n & (n - 1)) == 0:  # the first ten, then at powers of two
+            logger.warning("skipping corrupt image #%d of this reader (a running total over all its workers "
+                           "and epochs): %s", n, message)
+
+    def __getstate__(self):
+        if get_spawning_popen() is not None:  # a worker being started: it shares the counter
+            return {"total": self._total}
+        return {"count": self.count}
+
+    def __setstate__(self, state):
+        self._total = state["total"] if "total" in state else multiprocessing.Value("q", state["count"])

@@ -161,20 +161,29 @@ def test_damaged_frame_names_file_and_offset(mixed, tmp_path, use_mmap):
         return data
 
     rec, offsets = _corrupt_copy(tmp_path, folder, smash)
-    seq = SequentialRecordDataset(rec, num_classes=6, batch_size=4, shuffle_buffer=8, seed=1, chunk_records=64)
+    # the plain layout's labels come from every record header at open, so both readers stop there
+    with pytest.raises(RecordIOError, match=rf"offset {offsets[10]}: magic word 0x04030201"):
+        IndexedRecordDataset(rec)
+    kw = dict(num_classes=6, batch_size=4, shuffle_buffer=8, seed=1, chunk_records=64)
+    with pytest.raises(RecordIOError, match=rf"offset {offsets[10]}: magic word 0x04030201"):
+        SequentialRecordDataset(rec, **kw)
+    # the block reader names a frame damaged after the open
+    seq = SequentialRecordDataset(os.path.join(folder, "train.rec"), **kw)
+    seq.path = rec
     with pytest.raises(RecordIOError, match=rf"invalid RecordIO file .*bad/train.rec.*offset {offsets[10]}: magic"):
         for _ in seq.records(seq.plan(0, 0, 1), use_mmap=use_mmap):
             pass
-    # the plain layout's labels come from every record header at open, so the indexed reader stops there
-    with pytest.raises(RecordIOError, match=rf"offset {offsets[10]}: magic word 0x04030201"):
-        IndexedRecordDataset(rec)
 
 
 @pytest.mark.parametrize("use_mmap", [True, False])
 def test_truncated_file(mixed, tmp_path, use_mmap):
     folder, _ = mixed
     rec, offsets = _corrupt_copy(tmp_path, folder, lambda data, offsets: data[:offsets[-1] + 20])
-    seq = SequentialRecordDataset(rec, num_classes=6, batch_size=4, shuffle_buffer=8, seed=1, chunk_records=64)
+    kw = dict(num_classes=6, batch_size=4, shuffle_buffer=8, seed=1, chunk_records=64)
+    with pytest.raises(RecordIOError, match=rf"truncated RecordIO file .*offset {offsets[-1]}"):
+        SequentialRecordDataset(rec, **kw)  # the label scan at open reads every record's header
+    seq = SequentialRecordDataset(os.path.join(folder, "train.rec"), **kw)
+    seq.path = rec  # a file cut short after the open: the block reader names it
     with pytest.raises(RecordIOError, match=rf"truncated RecordIO file .*offset {offsets[-1]}"):
         for _ in seq.records(seq.plan(0, 0, 1), use_mmap=use_mmap):
             pass
@@ -210,7 +219,8 @@ def test_label_out_of_range_on_the_fast_paths(rec_dirs):
     with pytest.raises(DataError, match=r"label 4 of record key \d+ in .*train.rec.* outside \[0, 4\)"):
         for i in range(len(ds)):
             ds[i]
-    seq = SequentialRecordDataset(rec, num_classes=4, batch_size=8, seed=0)
+    seq = SequentialRecordDataset(rec, num_classes=10, batch_size=8, seed=0)
+    seq.num_classes = 4
     with pytest.raises(DataError, match=r"label \d+ of record key .*train.rec.* outside \[0, 4\)"):
         list(seq)
 

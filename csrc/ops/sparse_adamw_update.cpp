@@ -8,12 +8,13 @@
 
 namespace partialfc {
 
-// Shapes, dtypes, devices and hyperparameters; the index values are checked by each launcher (on the host:
-// a bad row raises a catchable error on every device, and before any row is written).
+// Shapes, dtypes, devices and hyperparameters of both AdamW updates (`rows` is grad_rows or grad_normalized);
+// the index values are checked by each launcher (on the host: a bad row raises a catchable error on every
+// device, and before any row is written).
 void check_sparse_adamw_update_args(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                                    const at::Tensor& row_step, const at::Tensor& index, const at::Tensor& grad_rows,
-                                    double lr, double beta1, double beta2, double eps, double weight_decay) {
-  const char* op = "sparse_adamw_update";
+                                    const at::Tensor& row_step, const at::Tensor& index, const at::Tensor& rows,
+                                    const char* rows_name, double lr, double beta1, double beta2, double eps,
+                                    double weight_decay, const char* op) {
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [num_classes, D], got ", weight.sizes());
   const int64_t num_rows = weight.size(0), dim = weight.size(1);
   check_rows(weight, num_rows, dim, "weight", op);
@@ -30,11 +31,12 @@ void check_sparse_adamw_update_args(const at::Tensor& weight, const at::Tensor& 
   TORCH_CHECK(row_step.scalar_type() == at::kLong || row_step.scalar_type() == at::kInt, op,
               ": row_step must be int64 or int32, got ", row_step.scalar_type());
   check_index(index, weight, op);
-  check_rows(grad_rows, index.numel(), dim, "grad_rows", op);
+  check_rows(rows, index.numel(), dim, rows_name, op);
   TORCH_CHECK(exp_avg.device() == weight.device() && exp_avg_sq.device() == weight.device() &&
-                  row_step.device() == weight.device() && grad_rows.device() == weight.device(),
-              op, ": weight, exp_avg, exp_avg_sq, row_step and grad_rows must be on one device, got ", weight.device(),
-              ", ", exp_avg.device(), ", ", exp_avg_sq.device(), ", ", row_step.device(), ", ", grad_rows.device());
+                  row_step.device() == weight.device() && rows.device() == weight.device(),
+              op, ": weight, exp_avg, exp_avg_sq, row_step and ", rows_name, " must be on one device, got ",
+              weight.device(), ", ", exp_avg.device(), ", ", exp_avg_sq.device(), ", ", row_step.device(), ", ",
+              rows.device());
   TORCH_CHECK(lr >= 0.0, op, ": lr must be >= 0, got ", lr);
   // beta < 1 keeps the bias corrections 1 - beta^t nonzero.
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
@@ -53,4 +55,11 @@ TORCH_LIBRARY_FRAGMENT(partialfc, m) {
   //   w -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
   m.def("sparse_adamw_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
         "Tensor index, Tensor grad_rows, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
+  // The same update with the backward of gather_normalize folded in, as normalize_backward_sgd_update does:
+  // grad_rows[i] = (g - n <g, n>) * inv_norm[i] / grad_scale with g = grad_normalized[i] and
+  // n = weight[index[i]] * inv_norm[i] recomputed from the table (unchanged since the forward); no [S, D]
+  // gradient is written. CPU kernel only.
+  m.def("normalize_backward_adamw_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+        "Tensor(d!) row_step, Tensor index, Tensor grad_normalized, Tensor inv_norm, float lr, float beta1, "
+        "float beta2, float eps, float weight_decay, float grad_scale) -> ()");
 }

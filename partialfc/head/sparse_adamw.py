@@ -62,7 +62,8 @@ class SparseAdamW(torch.optim.Optimizer):
                 raise ValueError(f"SparseAdamW state_dict: {key} is {list(saved[key].shape)}, but the class-center "
                                  f"shard needs {list(shape)}")
         if saved["row_step"].is_floating_point() or saved["row_step"].is_complex():
-            raise ValueError(f"SparseAdamW state_dict: row_step must be an integer tensor, got {saved['row_step'].dtype}")
+            raise ValueError(f"SparseAdamW state_dict: row_step must be an integer tensor, got "
+                             f"{saved['row_step'].dtype}")
         # Back the restored state like a fresh one (see materialize_state).
         table, state = self.pfc.ops, self.state[weight]
         for key in ("exp_avg", "exp_avg_sq"):

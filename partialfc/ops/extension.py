@@ -105,6 +105,11 @@ if _C is not None:
                                   weight_decay):
         return None
 
+    @torch.library.register_fake(lib + "normalize_backward_adamw_update")
+    def _normalize_backward_adamw_update_fake(weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized, inv_norm,
+                                              lr, beta1, beta2, eps, weight_decay, grad_scale):
+        return None
+
     # Autograd of the functional gather_normalize w.r.t. the whole table. The Partial FC head does not use
     # it (its table never requires grad; it calls gather_normalize_backward and gets only the [S, D] rows);
     # it exists so that the op is a complete differentiable op (gradcheck, other callers).

@@ -134,8 +134,14 @@ class CompiledOps(OpTable):
 
     def normalize_backward_adamw_update(self, weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized,
                                         inv_norm, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0):
-        # No fused kernel: the normalize backward into step buffers (reused ones on the CPU table), then the
-        # sparse update; the normalized rows are recomputed from the table, as the fused SGD update does.
+        if self.device.type == "cpu":
+            torch.ops.partialfc.normalize_backward_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index,
+                                                                grad_normalized, inv_norm, float(lr), float(beta1),
+                                                                float(beta2), float(eps), float(weight_decay),
+                                                                float(grad_scale))
+            return
+        # No fused kernel on CUDA: the normalize backward into step buffers, then the sparse update; the
+        # normalized rows are recomputed from the table, as the fused update does (same semantics).
         shape = (index.numel(), weight.shape[1])
         normalized = self.empty("adamw_normalized", shape, weight.dtype)
         torch.index_select(weight, 0, index, out=normalized)

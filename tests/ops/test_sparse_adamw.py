@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from partialfc.head import PartialFC, SparseAdamW, SparseSGD, center_optimizer
-from partialfc.ops import sparse_adamw_update_ref
+from partialfc.ops import (gather_normalize_backward_ref, normalize_backward_adamw_update_ref,
+                           sparse_adamw_update_ref)
 
 from ops_testutil import TOL, noncontiguous_like
 
@@ -166,6 +167,76 @@ def test_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The update with the normalize backward folded in (CPU kernel)
+
+
+def make_fused(dtype, grad_dtype, num_rows=300, dim=40, rows=70, seed=0):
+    weight, exp_avg, exp_avg_sq, row_step = make(dtype, "cpu", num_rows, dim, seed)
+    weight.mul_(0.05)
+    g = torch.Generator().manual_seed(seed + 1)
+    index = random_index(num_rows, rows, g, "cpu")
+    grad = torch.randn(rows, dim, generator=g).to(grad_dtype)
+    inv_norm = weight.index_select(0, index).norm(dim=1).clamp_min(1e-12).reciprocal()
+    return (weight, exp_avg, exp_avg_sq, row_step), index, grad, inv_norm
+
+
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                              (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("grad_scale", [1.0, 1024.0, 3.0])
+def test_fused_kernel_matches_reference_and_composition(dtype, grad_dtype, contiguous, grad_scale):
+    state, index, grad, inv_norm = make_fused(dtype, grad_dtype)
+    if not contiguous:
+        state = tuple(noncontiguous_like(t) for t in state[:3]) + (state[3],)
+        grad = noncontiguous_like(grad)
+    ref = [t.clone() for t in state]
+    two = [t.clone() for t in state]
+    untouched = torch.ones(state[0].shape[0], dtype=torch.bool)
+    untouched[index] = False
+    before = [t[untouched].clone() for t in state]
+
+    P.normalize_backward_adamw_update(*state, index, grad, inv_norm, *HYPER, grad_scale)
+    normalize_backward_adamw_update_ref(*ref, index, grad, inv_norm, *HYPER, grad_scale)
+    # Independent composition: normalize backward on the gathered rows, unscale, then the plain update.
+    normalized = two[0].index_select(0, index) * inv_norm[:, None]
+    rows = gather_normalize_backward_ref(grad, normalized, inv_norm) / grad_scale
+    sparse_adamw_update_ref(*two, index, rows, *HYPER)
+
+    atol, rtol = TOL[dtype]
+    for other in (ref, two):
+        for got, want in zip(state[:3], other[:3]):
+            torch.testing.assert_close(got, want, atol=atol * 4, rtol=rtol * 4)
+        assert torch.equal(state[3], other[3])
+    for got, was in zip(state, before):
+        assert torch.equal(got[untouched], was)
+
+
+def test_fused_kernel_errors():
+    state, index, grad, inv_norm = make_fused(torch.float32, torch.float32)
+    hyper = (*HYPER, 1.0)
+    with pytest.raises(RuntimeError, match="normalize_backward_adamw_update: inv_norm must be a Float tensor"):
+        P.normalize_backward_adamw_update(*state, index, grad, inv_norm.double(), *hyper)
+    with pytest.raises(RuntimeError, match=r"inv_norm must be \[70\], got \[3\]"):
+        P.normalize_backward_adamw_update(*state, index, grad, inv_norm[:3], *hyper)
+    with pytest.raises(RuntimeError, match="grad_scale must be nonzero"):
+        P.normalize_backward_adamw_update(*state, index, grad, inv_norm, *HYPER, 0.0)
+    with pytest.raises(RuntimeError, match=r"grad_normalized must be \[70, 40\], got \[5, 40\]"):
+        P.normalize_backward_adamw_update(*state, index, grad[:5], inv_norm, *hyper)
+    before = [t.clone() for t in state]
+    bad = index.clone()
+    bad[3] = 300
+    with pytest.raises(RuntimeError,
+                       match=r"normalize_backward_adamw_update: index\[3\] = 300 is outside \[0, 300\)"):
+        P.normalize_backward_adamw_update(*state, bad, grad, inv_norm, *hyper)
+    assert all(torch.equal(t, b) for t, b in zip(state, before))
+
+
+def test_fused_opcheck():
+    state, index, grad, inv_norm = make_fused(torch.float32, torch.float32)
+    torch.library.opcheck(P.normalize_backward_adamw_update, (*state, index, grad, inv_norm, *HYPER, 2.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # SparseAdamW over PartialFC
 
 
@@ -182,25 +253,25 @@ def dense_arcface_loss(x, weight, labels, s, m1, m2, m3):
     return F.cross_entropy(s * logits, labels)
 
 
-def make_head(use_ext, num_classes=40, dim=12, sample_rate=1.0, dtype=torch.float64):
-    pfc = PartialFC(dim, num_classes, sample_rate, ARCFACE, use_ext=use_ext).to(dtype)
+def make_head(use_ext, num_classes=40, dim=12, sample_rate=1.0, dtype=torch.float64, device="cpu"):
+    pfc = PartialFC(dim, num_classes, sample_rate, ARCFACE, use_ext=use_ext).to(device=device, dtype=dtype)
     return pfc, SparseAdamW(pfc, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 
 
-def batch(step, batch_size=10, dim=12, num_classes=40, dtype=torch.float64):
+def batch(step, batch_size=10, dim=12, num_classes=40, dtype=torch.float64, device="cpu"):
     gen = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(batch_size, dim, generator=gen, dtype=dtype),
-            torch.randint(0, num_classes, (batch_size,), generator=gen))
+    return (torch.randn(batch_size, dim, generator=gen, dtype=dtype).to(device),
+            torch.randint(0, num_classes, (batch_size,), generator=gen).to(device))
 
 
 @pytest.mark.parametrize("use_ext", [True, False], ids=["kernels", "reference"])
-def test_full_sample_equals_dense_torch_adamw_float64(use_ext):
-    pfc, opt = make_head(use_ext)
+def test_full_sample_equals_dense_torch_adamw_float64(device, use_ext):
+    pfc, opt = make_head(use_ext, device=device)
     dense = pfc.weight.detach().clone().requires_grad_()
     dense_opt = torch.optim.AdamW([dense], lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1,
                                   foreach=False)
     for step in range(5):
-        x, labels = batch(step)
+        x, labels = batch(step, device=device)
         loss = pfc(x, labels)
         loss.backward()
         opt.step()
@@ -216,7 +287,7 @@ def test_full_sample_equals_dense_torch_adamw_float64(use_ext):
     torch.testing.assert_close(state["exp_avg_sq"], dense_opt.state[dense]["exp_avg_sq"], atol=1e-14, rtol=1e-10)
     assert state["row_step"].tolist() == [5] * 40
     # The centers did move by AdamW steps of about lr, not by a decayed SGD step.
-    assert (pfc.weight.detach() - make_head(use_ext)[0].weight.detach()).abs().max() > 0.02
+    assert (pfc.weight.detach() - make_head(use_ext, device=device)[0].weight.detach()).abs().max() > 0.02
 
 
 @pytest.mark.parametrize("use_ext", [True, False], ids=["kernels", "reference"])

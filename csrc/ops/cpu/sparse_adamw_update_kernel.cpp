@@ -10,20 +10,21 @@
 #include <cmath>
 #include <type_traits>
 
+#include "../checks.h"
 #include "simd.h"
 
 namespace partialfc {
 
 // ../sparse_adamw_update.cpp
 void check_sparse_adamw_update_args(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                                    const at::Tensor& row_step, const at::Tensor& index, const at::Tensor& grad_rows,
-                                    double lr, double beta1, double beta2, double eps, double weight_decay);
+                                    const at::Tensor& row_step, const at::Tensor& index, const at::Tensor& rows,
+                                    const char* rows_name, double lr, double beta1, double beta2, double eps,
+                                    double weight_decay, const char* op);
 
 namespace {
 
-// The per-row constants of one AdamW step: `decay` = 1 - lr * wd, `step_size` = lr / (1 - beta1^t) and
-// `bc2_sqrt` = sqrt(1 - beta2^t), formed in double from the row's step t as torch.optim.AdamW forms them in
-// Python floats.
+// The per-row constants of one AdamW step, `step_size` = lr / (1 - beta1^t) and `bc2_sqrt` = sqrt(1 - beta2^t),
+// formed in double from the row's step t as torch.optim.AdamW forms them in Python floats.
 template <typename acc_t>
 struct AdamwRow {
   acc_t step_size, bc2_sqrt;
@@ -32,43 +33,68 @@ struct AdamwRow {
 template <typename acc_t>
 inline AdamwRow<acc_t> adamw_row_constants(int64_t t, double lr, double beta1, double beta2) {
   const double td = static_cast<double>(t);
-  return {static_cast<acc_t>(lr / (1.0 - std::pow(beta1, td))), static_cast<acc_t>(std::sqrt(1.0 - std::pow(beta2, td)))};
+  return {static_cast<acc_t>(lr / (1.0 - std::pow(beta1, td))),
+          static_cast<acc_t>(std::sqrt(1.0 - std::pow(beta2, td)))};
 }
+
+// The step's constants shared by every row (`decay` = 1 - lr * weight_decay).
+template <typename acc_t>
+struct AdamwStep {
+  acc_t decay, one_minus_b1, b2, one_minus_b2, eps;
+};
 
 // AdamW on one element: the gradient is first rounded to the table's dtype, as torch.optim.AdamW sees it;
 // the first moment moves as torch's lerp does (m + (1 - beta1) * (g - m)).
 template <typename w_t, typename acc_t>
-inline void adamw_element(w_t& w, w_t& m, w_t& v, acc_t grad, acc_t decay, acc_t one_minus_b1, acc_t b2,
-                          acc_t one_minus_b2, acc_t eps, AdamwRow<acc_t> row) {
+inline void adamw_element(w_t& w, w_t& m, w_t& v, acc_t grad, const AdamwStep<acc_t>& k, AdamwRow<acc_t> row) {
   const acc_t g = static_cast<acc_t>(static_cast<w_t>(grad));
-  const acc_t wv = static_cast<acc_t>(w) * decay;
-  const acc_t mv = static_cast<acc_t>(m) + one_minus_b1 * (g - static_cast<acc_t>(m));
-  const acc_t vv = static_cast<acc_t>(v) * b2 + one_minus_b2 * g * g;
+  const acc_t m0 = static_cast<acc_t>(m);
+  const acc_t wv = static_cast<acc_t>(w) * k.decay;
+  const acc_t mv = m0 + k.one_minus_b1 * (g - m0);
+  const acc_t vv = static_cast<acc_t>(v) * k.b2 + k.one_minus_b2 * g * g;
   m = static_cast<w_t>(mv);
   v = static_cast<w_t>(vv);
-  w = static_cast<w_t>(wv - row.step_size * (mv / (std::sqrt(vv) / row.bc2_sqrt + eps)));
+  w = static_cast<w_t>(wv - row.step_size * (mv / (std::sqrt(vv) / row.bc2_sqrt + k.eps)));
 }
 
-// One contiguous float32 row: the same arithmetic as adamw_element, as one vector loop.
+// One float32 lane of adamw_element (the gradient is already float32), inlined into the vector row loops.
+__attribute__((always_inline)) inline void adamw_lane(float& w, float& m, float& v, float g, const AdamwStep<float>& k,
+                                                      const AdamwRow<float>& row) {
+  const float m0 = m;
+  const float wv = w * k.decay;
+  const float mv = m0 + k.one_minus_b1 * (g - m0);
+  const float vv = v * k.b2 + k.one_minus_b2 * g * g;
+  m = mv;
+  v = vv;
+  w = wv - row.step_size * (mv / (std::sqrt(vv) / row.bc2_sqrt + k.eps));
+}
+
+// One contiguous float32 row of the plain update, as one vector loop.
 PARTIALFC_CLONES void adamw_row_f32(float* __restrict w, float* __restrict m, float* __restrict v,
-                                    const float* __restrict g, int64_t dim, float decay, float one_minus_b1, float b2,
-                                    float one_minus_b2, float eps, float step_size, float bc2_sqrt) {
+                                    const float* __restrict g, int64_t dim, AdamwStep<float> k, AdamwRow<float> row) {
 #pragma omp simd
-  for (int64_t j = 0; j < dim; ++j) {
-    const float gv = g[j];
-    const float wv = w[j] * decay;
-    const float mv = m[j] + one_minus_b1 * (gv - m[j]);
-    const float vv = v[j] * b2 + one_minus_b2 * gv * gv;
-    m[j] = mv;
-    v[j] = vv;
-    w[j] = wv - step_size * (mv / (std::sqrt(vv) / bc2_sqrt + eps));
-  }
+  for (int64_t j = 0; j < dim; ++j) adamw_lane(w[j], m[j], v[j], g[j], k, row);
 }
 
+// One contiguous float32 row of the fused update: dot = <g, w * scale> (this sweep reads the weight row into
+// L1), then the update with grad = (g - w * scale * dot) * scale * inv_gscale.
+PARTIALFC_CLONES void nb_adamw_row_f32(float* __restrict w, float* __restrict m, float* __restrict v,
+                                       const float* __restrict g, int64_t dim, AdamwStep<float> k, AdamwRow<float> row,
+                                       float scale, float inv_gscale) {
+  float dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < dim; ++j) dot += g[j] * (w[j] * scale);
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j)
+    adamw_lane(w[j], m[j], v[j], (g[j] - w[j] * scale * dot) * scale * inv_gscale, k, row);
+}
+
+// Both updates: the sampled rows split over threads; each row's step count bumped and its constants formed,
+// then its elements updated. `inv` is null for the plain update, else the inverse norms of the fused one.
 template <typename w_t, typename g_t, typename step_t>
 void adamw_rows(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& row_step,
-                const at::Tensor& index, const at::Tensor& grad, double lr, double beta1, double beta2, double eps_d,
-                double wd) {
+                const at::Tensor& index, const at::Tensor& grad, const at::opmath_type<w_t>* inv, double lr,
+                double beta1, double beta2, double eps, double wd, double grad_scale) {
   using acc_t = at::opmath_type<w_t>;
   const int64_t rows = index.numel(), dim = weight.size(1);
   const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ms0 = exp_avg.stride(0), ms1 = exp_avg.stride(1);
@@ -81,9 +107,10 @@ void adamw_rows(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
   step_t* steps = row_step.data_ptr<step_t>();
   const g_t* g = grad.const_data_ptr<g_t>();
   const int64_t* idx = index.const_data_ptr<int64_t>();
-  const acc_t decay = static_cast<acc_t>(1.0 - lr * wd), one_minus_b1 = static_cast<acc_t>(1.0 - beta1);
-  const acc_t b2 = static_cast<acc_t>(beta2), one_minus_b2 = static_cast<acc_t>(1.0 - beta2);
-  const acc_t eps = static_cast<acc_t>(eps_d);
+  const AdamwStep<acc_t> k{static_cast<acc_t>(1.0 - lr * wd), static_cast<acc_t>(1.0 - beta1),
+                           static_cast<acc_t>(beta2), static_cast<acc_t>(1.0 - beta2), static_cast<acc_t>(eps)};
+  // Loss scales are powers of two in practice, so multiplying by the reciprocal is exact there.
+  const acc_t inv_gscale = static_cast<acc_t>(1.0 / grad_scale);
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = idx[i];
@@ -101,21 +128,51 @@ void adamw_rows(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
       w_t* mr = m + r * ms0;
       w_t* vr = v + r * vs0;
       const g_t* gr = g + i * gs0;
-      if (unit) {
-        if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
-          adamw_row_f32(wr, mr, vr, gr, dim, decay, one_minus_b1, b2, one_minus_b2, eps, c.step_size, c.bc2_sqrt);
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < dim; ++j)
-            adamw_element(wr[j], mr[j], vr[j], static_cast<acc_t>(gr[j]), decay, one_minus_b1, b2, one_minus_b2, eps,
-                          c);
+      if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
+        if (unit) {
+          if (inv == nullptr) {
+            adamw_row_f32(wr, mr, vr, gr, dim, k, c);
+          } else {
+            nb_adamw_row_f32(wr, mr, vr, gr, dim, k, c, inv[i], inv_gscale);
+          }
+          continue;
         }
-      } else {
+      }
+      // Other dtypes and strided rows, element by element.
+      acc_t scale = 0, dot = 0;
+      if (inv != nullptr) {
+        scale = inv[i];
         for (int64_t j = 0; j < dim; ++j)
-          adamw_element(wr[j * ws1], mr[j * ms1], vr[j * vs1], static_cast<acc_t>(gr[j * gs1]), decay, one_minus_b1,
-                        b2, one_minus_b2, eps, c);
+          dot += static_cast<acc_t>(gr[j * gs1]) * (static_cast<acc_t>(wr[j * ws1]) * scale);
+      }
+      for (int64_t j = 0; j < dim; ++j) {
+        acc_t gv = static_cast<acc_t>(gr[j * gs1]);
+        if (inv != nullptr) gv = (gv - static_cast<acc_t>(wr[j * ws1]) * scale * dot) * scale * inv_gscale;
+        adamw_element(wr[j * ws1], mr[j * ms1], vr[j * vs1], gv, k, c);
       }
     }
+  });
+}
+
+// Every index is checked before any row is written: a bad one leaves table and state as they were.
+void check_index_range(const at::Tensor& idx, int64_t num_rows, const char* op) {
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < num_rows, op, ": index[", i, "] = ", ip[i], " is outside [0, ", num_rows, ")");
+}
+
+template <typename Fn>
+void dispatch_adamw(const at::Tensor& weight, const at::Tensor& grad, const at::Tensor& row_step, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_adamw_update_w", [&] {
+    using w_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sparse_adamw_update_g", [&] {
+      using g_t = scalar_t;
+      if (row_step.scalar_type() == at::kLong) {
+        fn(w_t{}, g_t{}, int64_t{});
+      } else {
+        fn(w_t{}, g_t{}, int32_t{});
+      }
+    });
   });
 }
 
@@ -123,27 +180,39 @@ void sparse_adamw_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor
                              const at::Tensor& index, const at::Tensor& grad_rows, double lr, double beta1,
                              double beta2, double eps, double weight_decay) {
   const char* op = "sparse_adamw_update";
-  check_sparse_adamw_update_args(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, lr, beta1, beta2, eps,
-                                 weight_decay);
-  const int64_t rows = index.numel(), num_rows = weight.size(0);
-  if (rows == 0) return;
+  check_sparse_adamw_update_args(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, "grad_rows", lr, beta1,
+                                 beta2, eps, weight_decay, op);
+  if (index.numel() == 0) return;
   const at::Tensor idx = index.contiguous();
-  // Every index is checked before any row is written: a bad one leaves table and state as they were.
-  const int64_t* ip = idx.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows; ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < num_rows, op, ": index[", i, "] = ", ip[i], " is outside [0, ", num_rows, ")");
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_adamw_update_w", [&] {
-    using w_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rows.scalar_type(), "sparse_adamw_update_g", [&] {
-      using g_t = scalar_t;
-      if (row_step.scalar_type() == at::kLong) {
-        adamw_rows<w_t, g_t, int64_t>(weight, exp_avg, exp_avg_sq, row_step, idx, grad_rows, lr, beta1, beta2, eps,
-                                      weight_decay);
-      } else {
-        adamw_rows<w_t, g_t, int32_t>(weight, exp_avg, exp_avg_sq, row_step, idx, grad_rows, lr, beta1, beta2, eps,
-                                      weight_decay);
-      }
-    });
+  check_index_range(idx, weight.size(0), op);
+  dispatch_adamw(weight, grad_rows, row_step, [&](auto w0, auto g0, auto s0) {
+    using w_t = decltype(w0);
+    adamw_rows<w_t, decltype(g0), decltype(s0)>(weight, exp_avg, exp_avg_sq, row_step, idx, grad_rows, nullptr, lr,
+                                                beta1, beta2, eps, weight_decay, 1.0);
+  });
+}
+
+void normalize_backward_adamw_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                                         at::Tensor& row_step, const at::Tensor& index,
+                                         const at::Tensor& grad_normalized, const at::Tensor& inv_norm, double lr,
+                                         double beta1, double beta2, double eps, double weight_decay,
+                                         double grad_scale) {
+  const char* op = "normalize_backward_adamw_update";
+  check_sparse_adamw_update_args(weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized, "grad_normalized",
+                                 lr, beta1, beta2, eps, weight_decay, op);
+  check_vector(inv_norm, index.numel(), "inv_norm", op);
+  TORCH_CHECK(inv_norm.scalar_type() == weight.scalar_type() && inv_norm.device() == weight.device(), op,
+              ": inv_norm must be a ", weight.scalar_type(), " tensor on ", weight.device(), ", got ",
+              inv_norm.scalar_type(), " on ", inv_norm.device());
+  TORCH_CHECK(grad_scale != 0.0, op, ": grad_scale must be nonzero");
+  if (index.numel() == 0) return;
+  const at::Tensor idx = index.contiguous(), inv_c = inv_norm.contiguous();
+  check_index_range(idx, weight.size(0), op);
+  dispatch_adamw(weight, grad_normalized, row_step, [&](auto w0, auto g0, auto s0) {
+    using w_t = decltype(w0);
+    adamw_rows<w_t, decltype(g0), decltype(s0)>(weight, exp_avg, exp_avg_sq, row_step, idx, grad_normalized,
+                                                inv_c.const_data_ptr<w_t>(), lr, beta1, beta2, eps, weight_decay,
+                                                grad_scale);
   });
 }
 
@@ -152,4 +221,5 @@ void sparse_adamw_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor
 
 TORCH_LIBRARY_IMPL(partialfc, CPU, m) {
   m.impl("sparse_adamw_update", &partialfc::sparse_adamw_update_cpu);
+  m.impl("normalize_backward_adamw_update", &partialfc::normalize_backward_adamw_update_cpu);
 }

@@ -16,8 +16,9 @@ namespace partialfc {
 
 // ../sparse_adamw_update.cpp
 void check_sparse_adamw_update_args(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                                    const at::Tensor& row_step, const at::Tensor& index, const at::Tensor& grad_rows,
-                                    double lr, double beta1, double beta2, double eps, double weight_decay);
+                                    const at::Tensor& row_step, const at::Tensor& index, const at::Tensor& rows,
+                                    const char* rows_name, double lr, double beta1, double beta2, double eps,
+                                    double weight_decay, const char* op);
 
 namespace {
 
@@ -77,8 +78,8 @@ void sparse_adamw_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
                               double beta2, double eps, double weight_decay) {
   const char* op = "sparse_adamw_update";
   TORCH_CHECK(weight.is_cuda(), op, ": weight must be a CUDA tensor");
-  check_sparse_adamw_update_args(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, lr, beta1, beta2, eps,
-                                 weight_decay);
+  check_sparse_adamw_update_args(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, "grad_rows", lr, beta1,
+                                 beta2, eps, weight_decay, op);
   const int64_t rows = index.numel();
   if (rows == 0) return;
   c10::cuda::CUDAGuard guard(weight.device());

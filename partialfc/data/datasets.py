@@ -86,7 +86,7 @@ def resolve_num_classes(labels, path, describe, num_classes=None, header_count=N
             counts.append((prop, f"property file {property_path(property_dir)!r}"))
     counts.append((max_label + 1, f"the labels of {path!r} (max label {max_label}, {describe(top)})"))
     if len({c for c, _ in counts}) > 1:
-        said = "; ".join(f"{where} says {c}" + (f", too few for label {max_label}" if c <= max_label else "")
+        said = "; ".join(f"{c} from {where}" + (f" (too few for label {max_label})" if c <= max_label else "")
                          for c, where in counts)
         raise DataError(f"the class count of {path!r} is ambiguous: {said}. Fix the file that is wrong "
                         f"(property holds 'num_classes,112,112'), or set num_classes in the config")

@@ -15,6 +15,7 @@ from multiprocessing.context import get_spawning_popen
 import cv2
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 IMAGE_SIZE = 112
 logger = logging.getLogger("partialfc.data")
@@ -168,29 +169,38 @@ class CorruptCounter:
 
     The count lives in shared memory, so that it is one total per dataset over every DataLoader worker and
     every epoch: workers are started afresh each epoch from the main process's dataset, and a count kept in
-    a worker's copy would restart at each epoch and in each worker. A copy made by pickling outside a process
-    start (``copy.deepcopy``, ``pickle.dumps``) gets its own counter, starting at the count it was made at.
+    a worker's copy would restart at each epoch and in each worker. The main process and each worker id
+    count in their own slot (no lock, which a worker started with "spawn" could not share); the total is
+    their sum. A copy made by pickling outside a process start (``copy.deepcopy``, ``pickle.dumps``) gets its
+    own slots, holding the counts it was made with.
     """
 
-    def __init__(self, count=0):
-        self._total = multiprocessing.Value("q", int(count))  # with a lock: workers increment it at once
+    SLOTS = 256  # slot 0: the main process; worker k: slot 1 + k % 255
+
+    def __init__(self):
+        self._slots = multiprocessing.RawArray("q", self.SLOTS)
 
     @property
     def count(self):
-        return self._total.value
+        return int(sum(self._slots))
 
     def skipped(self, message):
-        with self._total.get_lock():
-            self._total.value += 1
-            n = self._total.value
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self._slots[slot] += 1
+        n = self.count
         if n <= 10 or (n & (n - 1)) == 0:  # the first ten, then at powers of two
-            logger.warning("skipping corrupt image #%d of this reader (a running total over all its workers "
-                           "and epochs): %s", n, message)
+            who = "the main process" if info is None else f"worker {info.id}"
+            logger.warning("skipping corrupt image #%d of this reader (a running total over all its workers and "
+                           "epochs; %d by %s): %s", n, self._slots[slot], who, message)
 
     def __getstate__(self):
-        if get_spawning_popen() is not None:  # a worker being started: it shares the counter
-            return {"total": self._total}
-        return {"count": self.count}
+        if get_spawning_popen() is not None:  # a worker being started: it shares the slots
+            return {"slots": self._slots}
+        return {"counts": list(self._slots)}
 
     def __setstate__(self, state):
-        self._total = state["total"] if "total" in state else multiprocessing.Value("q", state["count"])
+        if "slots" in state:
+            self._slots = state["slots"]
+        else:
+            self._slots = multiprocessing.RawArray("q", state["counts"])

@@ -11,6 +11,7 @@ All collectives take and return tensors on the caller's device; ``allgather`` co
 Gradient-carrying collectives are autograd functions (see ``AllGather``).
 """
 import contextlib
+import datetime
 import os
 import socket
 
@@ -183,6 +184,19 @@ def _mpi_rendezvous():
     return world.Get_rank(), world.Get_size(), local_rank, address
 
 
+def process_group_timeout(collective_timeout):
+    """The timeout of every torch.distributed collective: ``collective_timeout``, but never below torch's
+    own default (30 min). The process group's clock also runs through the set-up before the first step
+    (the rendezvous, rank 0 generating the synthetic set or reading a checkpoint while the others wait),
+    which the step watchdog leaves out; a short ``collective_timeout`` must not cut that short. A longer one
+    lets a long evaluation or save on rank 0 finish. None keeps torch's default."""
+    from torch.distributed.constants import default_pg_timeout
+
+    if collective_timeout is None:
+        return default_pg_timeout
+    return max(default_pg_timeout, datetime.timedelta(seconds=collective_timeout))
+
+
 def _sum_allreduce_hook(process_group, bucket):
     # torch.distributed: DDP averages by default; we want the sum (see HorovodComm.data_parallel).
     work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
@@ -192,16 +206,17 @@ def _sum_allreduce_hook(process_group, bucket):
 class TorchDistComm(Communicator):
     backend = "torch"
 
-    def __init__(self, device_type="cpu"):
+    def __init__(self, device_type="cpu", timeout=None):
         backend = "nccl" if device_type == "cuda" else "gloo"
         if not dist.is_initialized():
+            kwargs = dict(timeout=process_group_timeout(timeout))
             if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
                 # torch.distributed: torchrun's env:// rendezvous.
                 local_rank = int(os.environ.get("LOCAL_RANK", 0))
-                dist.init_process_group(backend)
+                dist.init_process_group(backend, **kwargs)
             else:
                 rank, size, local_rank, address = _mpi_rendezvous()
-                dist.init_process_group(backend, init_method=address, rank=rank, world_size=size)
+                dist.init_process_group(backend, init_method=address, rank=rank, world_size=size, **kwargs)
         else:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.rank, self.size, self.local_rank = dist.get_rank(), dist.get_world_size(), local_rank
@@ -270,11 +285,13 @@ class TorchDistComm(Communicator):
 
 
 def launcher_rank():
-    """This process's rank as its launcher set it (a string, ``"?"`` when unknown), for messages written
-    before or without a communicator."""
+    """This process's rank for a message (a string): the communicator's once it exists, else the one its
+    launcher set (horovodrun, torchrun, an MPI's mpirun, Slurm's srun), ``"?"`` when none did."""
+    if _COMM is not None:
+        return str(_COMM.rank)
     env = os.environ
-    for var in ("HOROVOD_RANK", "RANK") + _MPI_RANK_VARS:
-        if var in env:
+    for var in ("HOROVOD_RANK", "RANK") + _MPI_RANK_VARS + ("SLURM_PROCID",):
+        if env.get(var, "").isdigit():
             return env[var]
     return "?"
 
@@ -282,8 +299,9 @@ def launcher_rank():
 _COMM = None
 
 
-def get_comm(backend="auto", device_type=None):
-    """The process-wide communicator, created on first call from the launcher's environment."""
+def get_comm(backend="auto", device_type=None, timeout=None):
+    """The process-wide communicator, created on first call from the launcher's environment. ``timeout``
+    is the config's ``collective_timeout`` (seconds or None), for the torch.distributed process group."""
     global _COMM
     if _COMM is not None:
         if backend not in ("auto", _COMM.backend):
@@ -296,7 +314,7 @@ def get_comm(backend="auto", device_type=None):
     if backend == "horovod":
         _COMM = HorovodComm()
     elif backend == "torch":
-        _COMM = TorchDistComm(device_type)
+        _COMM = TorchDistComm(device_type, timeout)
     elif backend == "single":
         _COMM = SingleProcessComm()
     else:

@@ -4,11 +4,14 @@ The trainer owns the step; each hook sees the trainer (``self.trainer``) and rea
 Hooks must not change what a step computes, only observe it or act between steps. The evaluation hook,
 ``partialfc.eval.VerificationHook``, is one of them and lives with the evaluation code.
 """
+import os
 import resource
 import sys
 import time
 
 import torch
+
+from .watchdog import StepWatchdog
 
 
 class HookBase:
@@ -112,9 +115,48 @@ class CheckpointHook(HookBase):
             self._save()
 
 
+class WatchdogHook(HookBase):
+    """Ends a rank whose step does not finish within ``timeout`` seconds (``collective_timeout``), naming the
+    step and the ranks that look stuck (``partialfc.engine.watchdog``). Only in runs of more than one rank:
+    a single process has nobody to wait for. ``None`` turns it off.
+
+    It runs after the other hooks, so a step's window (from the end of the previous step's hooks, or from
+    ``before_train``) holds the step and the evaluation or checkpoint save that follows it; the other hooks'
+    ``after_train`` (the last checkpoint and evaluation) are watched too. A hook that runs longer than the
+    timeout ends the run: raise ``collective_timeout`` for very long evaluations or saves."""
+
+    FOLDER = "heartbeats"
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+        self.watchdog = None
+
+    def before_train(self):
+        t = self.trainer
+        self._stop()  # a previous train() of this Trainer
+        if self.timeout is None or t.comm.size == 1:
+            return
+        self.watchdog = StepWatchdog(t.comm.rank, t.comm.size, self.timeout, os.path.join(t.output, self.FOLDER))
+        self.watchdog.start(t.step)
+
+    def after_step(self):
+        if self.watchdog is not None:
+            self.watchdog.step_done(self.trainer.step)
+
+    def after_train(self):
+        self._stop()
+
+    def _stop(self):
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
+
 def default_hooks(config, schedulers, checkpointer):
     """The training run's hooks, in the order they run: the schedules first (so the logged lr is the one the
-    next step uses), then the log line, the checkpoint, and verification."""
+    next step uses), then the log line, the checkpoint, verification, and the stuck-rank watchdog last (its
+    window covers the hooks before it)."""
     from ..eval.verification import VerificationHook
     return [LRSchedulerHook(schedulers), LoggerHook(config.frequent),
-            CheckpointHook(checkpointer, config.save_every, config.save_all_states), VerificationHook(config)]
+            CheckpointHook(checkpointer, config.save_every, config.save_all_states), VerificationHook(config),
+            WatchdogHook(config.get("collective_timeout", 1800))]

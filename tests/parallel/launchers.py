@@ -1,6 +1,7 @@
 """Start a worker script on N local CPU processes under each supported launcher."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -41,11 +42,28 @@ def missing(launcher):
     return None
 
 
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def launch(launcher, np, script, *args, timeout=300):
+    """Like ``run``, whatever the exit status; on ``timeout`` the launcher's whole process group is killed
+    (ranks included) and ``subprocess.TimeoutExpired`` raised."""
+    proc = subprocess.Popen(command(launcher, np, script, args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def run(launcher, np, script, *args, timeout=300):
     """``script`` is a file, or ``-m`` followed by a module name in ``args``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(command(launcher, np, script, args), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(command(launcher, np, script, args), cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{launcher} -np {np} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")

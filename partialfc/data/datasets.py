@@ -53,8 +53,8 @@ def resolve_num_classes(labels, path, describe, num_classes=None, header_count=N
     """The class count of a training set: the one rule every reader applies at open (docs/data.md, "Class
     count").
 
-    ``labels`` are the classes of all images, known without decoding; ``describe(i)`` names image ``i``
-    (record key and offset, or file) in messages about ``path``. ``num_classes`` (the config's) wins when
+    ``labels`` are the classes of all images, known without decoding; ``describe(i)`` names the record (key,
+    or offset) or folder that label ``i`` came from, in messages about ``path``. ``num_classes`` (the config's) wins when
     given, and must cover every label. Otherwise every available count must agree: the identity range of the
     insightface header record (``header_count``, described by ``header_source``), ``property`` in
     ``property_dir`` (``num_classes,112,112``) and the labels' max + 1. Any disagreement, a negative label or
@@ -204,7 +204,7 @@ def insightface_images(rec, path, idx_path, h0, pos, offsets):
 
 
 def header_source(path, h0):
-    return (f"header record 0 of {path!r} (identity records keys {int(h0.label[0])}..{int(h0.label[1]) - 1})")
+    return f"header record 0 of {path!r} (identity records keys {int(h0.label[0])}..{int(h0.label[1]) - 1})"
 
 
 class _Labeled:
@@ -439,7 +439,7 @@ def sequential_offsets(path, idx_path):
                label_keys=None)
     if h0 is not None:
         out["header_count"] = h0[1] - h0[0]
-        out["header_source"] = (f"header record 0 of {path!r} (identity records keys {h0[0]}..{h0[1] - 1})")
+        out["header_source"] = f"header record 0 of {path!r} (identity records keys {h0[0]}..{h0[1] - 1})"
         check_identity_ranges(path, offsets, starts, labels, identities)
     return out
 

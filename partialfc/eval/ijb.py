@@ -29,19 +29,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .model_io import InputError
 from .verification import forward_views, model_device_dtype
 
 __all__ = [
-    "FARS", "IJBFaces", "evaluate_ijb", "extract_features", "image2template_feature", "main",
-    "read_landmarks", "read_template_media_list", "read_template_pair_list", "roc_curve_points",
-    "tar_at_far", "template_pair_scores",
+    "FARS", "IJBFaces", "IJBFormatError", "check_image_path", "evaluate_ijb", "extract_features",
+    "image2template_feature", "main", "read_landmarks", "read_template_media_list", "read_template_pair_list",
+    "roc_curve_points", "tar_at_far", "template_pair_scores",
 ]
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-class IJBFormatError(ValueError):
-    pass
+class IJBFormatError(InputError):
+    """An IJB folder, meta file or image that does not have the release's layout; the message names it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,7 +129,9 @@ class IJBFaces(Dataset):
         path = os.path.join(self.image_dir, self.names[i])
         img = cv2.imread(path, cv2.IMREAD_COLOR)
         if img is None:
-            raise FileNotFoundError(f"IJB image {path!r} is missing or cannot be decoded")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"IJB image {path} does not exist")
+            raise IJBFormatError(f"IJB image {path} cannot be decoded; expected a JPEG/PNG face image")
         face = norm_crop(img, self.landmarks[i], self.image_size)
         return torch.from_numpy(np.ascontiguousarray(face[:, :, ::-1]))  # BGR -> RGB
 
@@ -349,9 +352,51 @@ def evaluate_ijb(model, image_path, target="IJBC", result_dir=None, batch_size=1
     return result
 
 
-def main(argv=None):
-    from .model_io import load_eval_model, resolve_device
+def check_image_path(image_path, target):
+    """Raise :class:`IJBFormatError` (or ``FileNotFoundError``) naming what ``image_path`` lacks of the layout
+    in this module's docstring for ``target``: the folder, ``meta/`` and its three lists, ``loose_crop/`` and
+    the images the landmark list names. Cheap next to the evaluation: one listing of ``loose_crop``."""
+    low = target.lower()
+    expected = f"the {target} folder of the IJB release, holding loose_crop/ and meta/{low}_*.txt"
+    if not os.path.isdir(image_path):
+        what = "is a file" if os.path.exists(image_path) else "does not exist"
+        raise FileNotFoundError(f"--image-path {image_path} {what}; expected {expected}")
+    meta, crops = os.path.join(image_path, "meta"), os.path.join(image_path, "loose_crop")
+    for folder in (meta, crops):
+        if not os.path.isdir(folder):
+            raise IJBFormatError(f"{image_path} has no {os.path.basename(folder)}/ folder; expected {expected}")
+    lists = [f"{low}_name_5pts_score.txt", f"{low}_face_tid_mid.txt", f"{low}_template_pair_label.txt"]
+    absent = [name for name in lists if not os.path.isfile(os.path.join(meta, name))]
+    if absent:
+        other = "IJBB" if target == "IJBC" else "IJBC"
+        hint = (f"; it holds {other.lower()}_* lists: pass --target {other}"
+                if os.path.isfile(os.path.join(meta, f"{other.lower()}_face_tid_mid.txt")) else "")
+        raise IJBFormatError(f"{meta} lacks {', '.join(absent)}{hint}")
+    lmk_path = os.path.join(meta, lists[0])
+    with open(lmk_path, errors="replace") as f:
+        names = [line.split(None, 1)[0] for line in f if line.strip()]
+    present = set(os.listdir(crops))
+    missing = [n for n in names if n not in present and not os.path.isfile(os.path.join(crops, n))]
+    if missing:
+        raise FileNotFoundError(f"{crops} lacks {len(missing)} of the {len(names)} images {lmk_path} names, "
+                                f"e.g. {', '.join(missing[:3])}")
 
+
+def _one_line(exc):
+    """The message of ``exc`` on one line: an error raised in a DataLoader worker comes back with the worker's
+    traceback in its message; its last line is the original message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        prefix = f"{type(exc).__name__}: "
+        return last[len(prefix):] if last.startswith(prefix) else last
+    return " ".join(text.splitlines())
+
+
+def main(argv=None):
+    """The command line. Returns :func:`evaluate_ijb`'s result; bad input (a missing or unusable model, an
+    ``--image-path`` without the release's layout, an unreadable image) prints one ``error: ...`` line naming
+    it on stderr and exits with status 1."""
     parser = argparse.ArgumentParser(prog="python -m partialfc.eval.ijb",
                                      description="IJB-B / IJB-C 1:1 verification, TAR at FAR.")
     parser.add_argument("--model", required=True, help="backbone state_dict (model.pt) or exported .onnx")
@@ -369,7 +414,21 @@ def main(argv=None):
     parser.add_argument("--embedding-size", type=int, default=None)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (InputError, OSError) as exc:  # bad input; anything else is a bug: traceback
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
+
+def _run(args):
+    from .model_io import load_eval_model, resolve_device
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 or more, got {args.workers}")
+    check_image_path(args.image_path, args.target)  # before the model loads, and the faces are embedded
     device = resolve_device(args.device)
     model, desc = load_eval_model(args.model, args.network, args.embedding_size, device)
     if not isinstance(model, torch.nn.Module):

@@ -5,21 +5,49 @@ tools (``export_onnx``, ``inference``) all load through it.
 """
 import json
 import os
+import pickle
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 __all__ = [
-    "BACKBONE_STATE_KEYS", "CheckpointError", "OnnxEmbedder", "extract_backbone_state_dict",
-    "load_backbone_state_dict", "load_eval_model", "read_config_beside", "resolve_checkpoint", "resolve_device",
+    "BACKBONE_STATE_KEYS", "CheckpointError", "InputError", "OnnxEmbedder", "build_backbone",
+    "extract_backbone_state_dict", "load_backbone_checkpoint", "load_backbone_state_dict", "load_eval_model",
+    "read_config_beside", "resolve_checkpoint", "resolve_device",
 ]
 
 
+class InputError(ValueError):
+    """Input an evaluation tool cannot use (a file, a flag's value); the message names it and says what was
+    expected. The command lines print it as one ``error: ...`` line."""
+
+
+class CheckpointError(InputError):
+    """A model file or its ``config.json`` that cannot be used; the message names the file."""
+
+
 def resolve_device(device):
+    """``torch.device`` of a ``--device`` value (``auto``: CUDA when available); :class:`InputError` for a value
+    that is not a device, or a CUDA device this machine does not have."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"--device {device!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return dev
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class OnnxEmbedder:
@@ -40,7 +68,10 @@ class OnnxEmbedder:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.path = path
-        self.session = ort.InferenceSession(path, providers=providers)
+        try:
+            self.session = ort.InferenceSession(path, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+            raise CheckpointError(f"onnxruntime cannot load {path} as an ONNX model: {_first_line(exc)}") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"ONNX model {path!r} has {len(inputs)} inputs; a face embedder takes one image batch")
@@ -66,10 +97,6 @@ class OnnxEmbedder:
                 outs.append(self.session.run(None, {self.input_name: chunk})[0][: min(fb, n - start)])
             out = np.concatenate(outs)
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(out.shape[0], -1)
-
-
-class CheckpointError(ValueError):
-    """A model file or its ``config.json`` that cannot be used; the message names the file."""
 
 
 def resolve_checkpoint(path):
@@ -144,14 +171,119 @@ def extract_backbone_state_dict(obj, path):
     return obj
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format
+_PICKLE_PROTO = b"\x80"  # a pickle of protocol 2 or later: torch.save's legacy format
+
+
+def _why_torch_cannot_load(path, exc):
+    """One line saying why ``torch.load`` failed on ``path``, told apart by what the file starts with."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return f"cannot read {path}: {err.strerror or err}"
+    if not head:
+        return f"cannot load {path}: the file is empty, not a PyTorch checkpoint"
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
+        return (f"cannot load {path}: it is not a PyTorch checkpoint (torch.save zip or pickle) "
+                f"nor an ONNX model (.onnx)")
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+        # torch's message is a page of advice; the line naming the refused object is the one that matters
+        refused = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), _first_line(exc))
+        return (f"cannot load {path}: it holds objects other than tensors and plain containers ({refused[:200]}); "
+                f"expected a backbone state_dict or a training checkpoint holding one")
+    return f"cannot load {path}: a damaged or truncated PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})"
+
+
 def load_backbone_state_dict(path):
     """``torch.load`` the file ``path`` (``weights_only=True``, on the CPU) and extract its backbone state
-    dict with :func:`extract_backbone_state_dict`. A file torch cannot read raises :class:`CheckpointError`."""
+    dict with :func:`extract_backbone_state_dict`. A file torch cannot read raises :class:`CheckpointError`
+    saying what it is instead (not a checkpoint at all, a damaged one, one holding arbitrary objects)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model checkpoint {path} does not exist"
+                                + (" (it is a folder)" if os.path.isdir(path) else ""))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a bad or foreign file
-        raise CheckpointError(f"cannot load {path}: {exc}") from None
+        raise CheckpointError(_why_torch_cannot_load(path, exc)) from None
     return extract_backbone_state_dict(obj, path)
+
+
+def _state_mismatch(model, state):
+    """How ``state`` differs from ``model``'s own state dict, in one line; None when it fits."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the file (e.g. {', '.join(map(repr, missing[:3]))})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} key(s) the network does not have "
+                     f"(e.g. {', '.join(map(repr, unexpected[:3]))})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} tensor(s) of another shape (e.g. {k!r}: {list(state[k].shape)} in the file, "
+                     f"{list(own[k].shape)} in the network)")
+    return "; ".join(parts) or None
+
+
+def build_backbone(network, embedding_size, state, path, network_source="--network"):
+    """``network`` with ``embedding_size`` features, ``state`` loaded into it (strict), in eval mode on the CPU.
+
+    A network that is not registered, or a ``state`` (read from ``path``) that is not that network's, raises
+    :class:`CheckpointError` in one line naming ``path`` and what differs. ``network_source`` says where the
+    name came from, for the message.
+    """
+    from partialfc.backbones import available_backbones, get_model
+
+    if network not in available_backbones():
+        raise CheckpointError(f"unknown network {network!r} (from {network_source}); "
+                              f"available: {', '.join(available_backbones())}")
+    embedding_size = int(embedding_size)
+    if embedding_size < 1:
+        raise InputError(f"embedding size must be a positive number of features, got {embedding_size}")
+    model = get_model(network, num_features=embedding_size, dropout=0.0, fp16=False)
+    problem = _state_mismatch(model, state)
+    if problem is None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            problem = _first_line(exc)
+    if problem is not None:
+        raise CheckpointError(f"{path}: the state_dict does not match network {network!r} with embedding size "
+                              f"{embedding_size}: {problem}")
+    return model.eval()
+
+
+def load_backbone_checkpoint(path, network=None, embedding_size=None):
+    """Read the checkpoint ``path`` (or ``path/model.pt`` for a folder) and build its backbone on the CPU.
+
+    The architecture comes from ``network``/``embedding_size`` or, when they are None, from ``config.json``
+    beside the checkpoint (as the trainer writes it); the embedding size falls back to 512 (arcface_torch's).
+    Returns ``(model, network, embedding_size, path)``. A missing file raises ``FileNotFoundError``, anything
+    else unusable :class:`CheckpointError`; both name the file.
+    """
+    path = resolve_checkpoint(path)
+    state = load_backbone_state_dict(path)  # first: a file that is no checkpoint is the error to report
+    cfg, cfg_path = read_config_beside(path)
+    source = "--network"
+    if network is None:
+        if cfg is None or "network" not in cfg:
+            raise CheckpointError(
+                f"cannot tell the architecture of {path}: pass --network (and --embedding-size), "
+                f"or put the training config.json beside it (looked for {cfg_path})"
+            )
+        network, source = cfg["network"], cfg_path
+    if embedding_size is None:
+        embedding_size = (cfg or {}).get("embedding_size", 512)
+    try:
+        embedding_size = int(embedding_size)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{cfg_path}: embedding_size {embedding_size!r} is not an integer") from None
+    model = build_backbone(network, embedding_size, state, path, network_source=source)
+    return model, network, embedding_size, path
 
 
 def load_eval_model(path, network=None, embedding_size=None, device="auto"):
@@ -165,28 +297,6 @@ def load_eval_model(path, network=None, embedding_size=None, device="auto"):
     """
     if str(path).lower().endswith(".onnx"):
         return OnnxEmbedder(path), f"onnx:{path}"
-    path = resolve_checkpoint(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model checkpoint {path!r} does not exist")
-    cfg, cfg_path = read_config_beside(path)
-    if network is None:
-        if cfg is None or "network" not in cfg:
-            raise CheckpointError(
-                f"cannot tell the architecture of {path!r}: pass --network (and --embedding-size), "
-                f"or put the training config.json beside it (looked for {cfg_path})"
-            )
-        network = cfg["network"]
-    if embedding_size is None:
-        embedding_size = int(cfg.get("embedding_size", 512)) if cfg else 512
-    from partialfc.backbones import get_model
-
-    model = get_model(network, num_features=int(embedding_size), dropout=0.0, fp16=False)
-    state = load_backbone_state_dict(path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path}: state_dict does not match network {network!r} with embedding size {embedding_size}: {exc}"
-        ) from None
+    model, network, embedding_size, path = load_backbone_checkpoint(path, network, embedding_size)
     model.to(resolve_device(device)).eval()
     return model, f"{network}-{embedding_size}:{path}"

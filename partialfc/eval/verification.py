@@ -27,6 +27,7 @@ import torch
 
 from partialfc.engine.hooks import HookBase
 
+from .model_io import InputError
 from .safe_pickle import UnsafePickleError, safe_load
 
 __all__ = [
@@ -34,8 +35,8 @@ __all__ = [
 ]
 
 
-class BinFormatError(ValueError):
-    """A ``.bin`` file unpickled safely but does not have the verification-set layout."""
+class BinFormatError(InputError):
+    """A ``.bin`` file that is not a verification set: not a pickle, or not of the ``(images, issame)`` layout."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,6 +110,14 @@ def _unpack(obj, path):
     return bins, flags
 
 
+def _require_bin(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"verification set {path} does not exist"
+                                + (" (it is a folder; expected a .bin file)" if os.path.isdir(path) else ""))
+    return path
+
+
 def load_bin(path, image_size=(112, 112), num_threads=None, callback=None):
     """Load a verification ``.bin`` through the restricted unpickler.
 
@@ -118,16 +127,17 @@ def load_bin(path, image_size=(112, 112), num_threads=None, callback=None):
     which are taken to be RGB). Images of another size are resized to ``image_size``.
     ``callback()`` (optional) is called between chunks of decoding.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"verification set {path!r} does not exist")
+    path = _require_bin(path)
     with open(path, "rb") as f:
         try:
             obj = safe_load(f, source=path)
-        except UnsafePickleError:
-            raise
+        except UnsafePickleError as exc:
+            if path in str(exc):
+                raise
+            raise UnsafePickleError(f"{path}: {exc}") from None
         except Exception as exc:
-            raise BinFormatError(f"{path}: not a readable .bin pickle ({type(exc).__name__}: {exc})") from None
+            raise BinFormatError(f"{path}: not a readable .bin pickle ({type(exc).__name__}: {exc}); expected "
+                                 f"insightface's verification set, a pickle of (images, issame)") from None
     bins, issame = _unpack(obj, path)
     size = _as_size(image_size)
     n = len(bins)
@@ -488,8 +498,9 @@ class VerificationHook(HookBase):
 # command line
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
-    from .model_io import OnnxEmbedder, load_eval_model, resolve_device
-
+    """The command line. Returns ``{set name: result}``; bad input (a missing or unusable model or ``.bin``, a
+    wrong ``--network``/``--embedding-size``/``--device``) prints one ``error: ...`` line naming it on
+    stderr and exits with status 1."""
     parser = argparse.ArgumentParser(
         prog="python -m partialfc.eval.verification",
         description="10-fold flip-test verification accuracy on insightface .bin sets.",
@@ -502,7 +513,22 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (PyTorch models)")
     parser.add_argument("--nfolds", type=int, default=10)
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (InputError, UnsafePickleError, OSError) as exc:  # bad input; anything else is a bug: traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
+
+def _run(args):
+    from .model_io import OnnxEmbedder, load_eval_model, resolve_device
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.nfolds < 2:
+        raise InputError(f"--nfolds must be at least 2, got {args.nfolds}")
+    for path in args.bin:  # before the model loads: a mistyped name should not wait for it
+        _require_bin(path)
     device = resolve_device(args.device)
     model, desc = load_eval_model(args.model, args.network, args.embedding_size, device)
     image_size = (112, 112)
@@ -515,6 +541,8 @@ def main(argv=None):
         name = os.path.splitext(os.path.basename(path))[0]
         t0 = time.time()
         images, issame = load_bin(path, image_size=image_size)
+        if args.nfolds > issame.size:
+            raise InputError(f"--nfolds {args.nfolds} needs at least {args.nfolds} pairs; {path} has {issame.size}")
         res = test_bin(model, images, issame, args.batch_size, device, nrof_folds=args.nfolds)
         results[name] = res
         print(f"[{name}] Accuracy-Flip: {res['accuracy']:.5f}+-{res['std']:.5f}  XNorm: {res['xnorm']:.5f}  "

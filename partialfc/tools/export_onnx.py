@@ -24,8 +24,7 @@ import warnings
 import numpy as np
 import torch
 
-from partialfc.backbones import available_backbones, get_model
-from partialfc.eval.model_io import CheckpointError, load_backbone_state_dict, read_config_beside, resolve_checkpoint
+from partialfc.eval.model_io import InputError, load_backbone_checkpoint
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
@@ -44,36 +43,11 @@ def load_backbone(checkpoint, network=None, embedding_size=None):
     are read from the ``config.json`` next to the checkpoint; without either the embedding size is 512
     (arcface_torch's), and a wrong size fails the strict load with an error naming the checkpoint.
     """
-    checkpoint = resolve_checkpoint(checkpoint)
-    if not os.path.isfile(checkpoint):
-        raise ExportError(f"checkpoint {checkpoint} does not exist")
     try:
-        cfg, cfg_path = read_config_beside(checkpoint)
-    except CheckpointError as e:
+        model, network, embedding_size, _ = load_backbone_checkpoint(checkpoint, network, embedding_size)
+    except (InputError, FileNotFoundError) as e:
         raise ExportError(str(e)) from None
-    cfg = cfg or {}
-    network = network or cfg.get("network")
-    if network is None:
-        raise ExportError(f"no --network given and no 'network' in {cfg_path}")
-    if network not in available_backbones():
-        raise ExportError(f"unknown network {network!r} (from {'--network' if 'network' not in cfg else cfg_path});"
-                          f" available: {', '.join(available_backbones())}")
-    try:
-        state = load_backbone_state_dict(checkpoint)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
-    if embedding_size is None:
-        embedding_size = cfg.get("embedding_size")
-    if embedding_size is None:
-        embedding_size = 512
-    model = get_model(network, num_features=int(embedding_size), dropout=0.0, fp16=False)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ExportError(f"{checkpoint} does not match network {network!r} with embedding size "
-                          f"{embedding_size}: {e}") from None
-    model.eval()
-    return model, network, int(embedding_size)
+    return model, network, embedding_size
 
 
 def random_faces(batch, seed=0):
@@ -177,7 +151,7 @@ def main(argv=None):
             worst = verify(model, output)
             for batch, cos in worst.items():
                 print(f"verified batch {batch}: min cosine(onnxruntime, torch) = {cos:.6f}")
-    except ExportError as e:
+    except (ExportError, InputError, OSError) as e:  # bad input, an output that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

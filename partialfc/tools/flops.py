@@ -119,8 +119,14 @@ def main(argv=None):
     if not names:
         parser.error("give backbone names or --all")
     unknown = [n for n in names if n not in available_backbones()]
+    problem = None
     if unknown:
-        parser.error(f"unknown backbone(s) {', '.join(unknown)}; available: {', '.join(available_backbones())}")
+        problem = f"unknown backbone(s) {', '.join(unknown)}; available: {', '.join(available_backbones())}"
+    elif args.embedding_size < 1:
+        problem = f"--embedding-size must be a positive number of features, got {args.embedding_size}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     rows, failed = [], []
     for n in names:
         try:

@@ -15,6 +15,7 @@ encoded as JPEG (``--quality``), or always so with ``--reencode``.
 """
 import argparse
 import os
+import sys
 from multiprocessing import Pool
 
 import cv2
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from partialfc.data import recordio
 from partialfc.data.datasets import IMAGE_EXTENSIONS, sort_class_names
-from partialfc.tools import ToolError, run_cli
+from partialfc.tools import ToolError, read_text_lines, run_cli
 
 SIZE = 112
 
@@ -45,20 +46,19 @@ def list_folder(root):
 
 def read_lst(path, root):
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 3:
-                raise ToolError(f"{path!r} line {lineno}: expected 'index<TAB>label<TAB>path', got {line.strip()!r}")
-            try:
-                label = float(parts[1])
-            except ValueError:
-                raise ToolError(f"{path!r} line {lineno}: label {parts[1]!r} is not a number") from None
-            if label != int(label):
-                raise ToolError(f"{path!r} line {lineno}: label {parts[1]!r} is not an integer identity")
-            rows.append((os.path.join(root, parts[-1]), int(label)))
+    for lineno, line in enumerate(read_text_lines(path, "list file"), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 3:
+            raise ToolError(f"{path!r} line {lineno}: expected 'index<TAB>label<TAB>path', got {line.strip()!r}")
+        try:
+            label = float(parts[1])
+        except ValueError:
+            raise ToolError(f"{path!r} line {lineno}: label {parts[1]!r} is not a number") from None
+        if label != int(label):
+            raise ToolError(f"{path!r} line {lineno}: label {parts[1]!r} is not an integer identity")
+        rows.append((os.path.join(root, parts[-1]), int(label)))
     if not rows:
         raise ToolError(f"list file {path!r} is empty")
     remap = {lab: i for i, lab in enumerate(sorted({lab for _, lab in rows}))}
@@ -143,6 +143,11 @@ def pack_dataset(items, out_dir, quality=95, reencode=False, num_workers=None, s
 
 
 def main(argv=None):
+    """The command line; bad input is one ``error: ...`` line on stderr and exit status 1."""
+    return run_cli(_main, argv)
+
+
+def _main(argv):
     ap = argparse.ArgumentParser(prog="python -m partialfc.tools.im2rec", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="image folder (one sub-folder per identity) or a .lst file")
@@ -166,4 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(main())

@@ -18,7 +18,9 @@ import sys
 import numpy as np
 import torch
 
-from partialfc.eval.model_io import OnnxEmbedder
+from partialfc.eval.model_io import InputError, OnnxEmbedder
+from partialfc.fileio import write_atomic
+from partialfc.tools import ToolError
 from partialfc.tools.export_onnx import ExportError, load_backbone
 
 
@@ -27,10 +29,10 @@ def read_face(path, size=112):
     import cv2
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} does not exist")
+        raise FileNotFoundError(f"image {path} does not exist" + (" (it is a folder)" if os.path.isdir(path) else ""))
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise ValueError(f"cannot decode image {path}")
+        raise ToolError(f"cannot decode image {path}: expected a JPEG/PNG (any format OpenCV reads) face crop")
     if img.shape[:2] != (size, size):
         print(f"note: {path} is {img.shape[1]}x{img.shape[0]}, resizing to {size}x{size}; "
               "the backbone expects an aligned face crop", file=sys.stderr)
@@ -67,15 +69,15 @@ def main(argv=None):
     try:
         image = read_face(args.img)
         feat = embed(args.weight, image, args.network, args.embedding_size)
-    except (ExportError, FileNotFoundError, ValueError) as e:
+        np.set_printoptions(precision=6, suppress=True, threshold=sys.maxsize, linewidth=120)
+        print(f"embedding ({feat.shape[0]}-d, L2 norm {np.linalg.norm(feat.astype(np.float64)):.4g}):")
+        print(feat)
+        if args.output:
+            write_atomic(args.output, lambda f: np.save(f, feat))
+            print(f"saved to {args.output}")
+    except (ExportError, ToolError, InputError, OSError) as e:  # bad input, an output that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1
-    np.set_printoptions(precision=6, suppress=True, threshold=sys.maxsize, linewidth=120)
-    print(f"embedding ({feat.shape[0]}-d, L2 norm {np.linalg.norm(feat.astype(np.float64)):.4g}):")
-    print(feat)
-    if args.output:
-        np.save(args.output, feat)
-        print(f"saved to {args.output}")
     return 0
 
 

@@ -12,6 +12,7 @@ resized to 112x112. The output is a pickle of ``(list of JPEG bytes, list of boo
 import argparse
 import os
 import pickle
+import sys
 from multiprocessing import Pool
 
 import cv2
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from partialfc.fileio import write_atomic
-from partialfc.tools import ToolError, run_cli
+from partialfc.tools import ToolError, read_text_lines, run_cli
 
 SIZE = 112
 _TRUE = {"1", "true", "same", "yes"}
@@ -28,14 +29,13 @@ _FALSE = {"0", "false", "diff", "different", "no", "-1"}
 
 def read_pairs(path, root):
     pairs = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts or parts[0].startswith("#"):
-                continue
-            if len(parts) != 3 or parts[2].lower() not in _TRUE | _FALSE:
-                raise ToolError(f"{path!r} line {lineno}: expected 'path1 path2 same(1/0)', got {line.strip()!r}")
-            pairs.append((os.path.join(root, parts[0]), os.path.join(root, parts[1]), parts[2].lower() in _TRUE))
+    for lineno, line in enumerate(read_text_lines(path, "pairs file"), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) != 3 or parts[2].lower() not in _TRUE | _FALSE:
+            raise ToolError(f"{path!r} line {lineno}: expected 'path1 path2 same(1/0)', got {line.strip()!r}")
+        pairs.append((os.path.join(root, parts[0]), os.path.join(root, parts[1]), parts[2].lower() in _TRUE))
     if not pairs:
         raise ToolError(f"pairs file {path!r} holds no pairs")
     return pairs
@@ -43,18 +43,17 @@ def read_pairs(path, root):
 
 def read_landmarks(path, root):
     out = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 11:
-                raise ToolError(f"{path!r} line {lineno}: expected 'path' and 10 coordinates, got {len(parts)} fields")
-            try:
-                pts = np.asarray([float(v) for v in parts[1:]], dtype=np.float32).reshape(5, 2)
-            except ValueError:
-                raise ToolError(f"{path!r} line {lineno}: landmark coordinates must be numbers") from None
-            out[os.path.normpath(os.path.join(root, parts[0]))] = pts
+    for lineno, line in enumerate(read_text_lines(path, "landmarks file"), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 11:
+            raise ToolError(f"{path!r} line {lineno}: expected 'path' and 10 coordinates, got {len(parts)} fields")
+        try:
+            pts = np.asarray([float(v) for v in parts[1:]], dtype=np.float32).reshape(5, 2)
+        except ValueError:
+            raise ToolError(f"{path!r} line {lineno}: landmark coordinates must be numbers") from None
+        out[os.path.normpath(os.path.join(root, parts[0]))] = pts
     return out
 
 
@@ -103,6 +102,11 @@ def make_bin(pairs, out_path, landmarks=None, quality=95, num_workers=None, prog
 
 
 def main(argv=None):
+    """The command line; bad input is one ``error: ...`` line on stderr and exit status 1."""
+    return run_cli(_main, argv)
+
+
+def _main(argv):
     ap = argparse.ArgumentParser(prog="python -m partialfc.tools.make_bin", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", help="pairs list: 'path1 path2 same' per line")
@@ -112,8 +116,9 @@ def main(argv=None):
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality")
     ap.add_argument("--num-workers", type=int, default=None)
     args = ap.parse_args(argv)
-    if not os.path.isfile(args.pairs):
-        raise ToolError(f"pairs file {args.pairs!r} does not exist")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):  # before the images are encoded, not after
+        raise ToolError(f"the folder of the output {args.output!r} does not exist")
     root = args.root or os.path.dirname(os.path.abspath(args.pairs))
     lmk = read_landmarks(args.landmarks, root) if args.landmarks else None
     if lmk and _norm_crop() is None:
@@ -124,4 +129,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(main())

@@ -11,6 +11,7 @@ want; this conversion is the one random-access pass.
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 from tqdm import tqdm
@@ -42,6 +43,11 @@ def shuffle_rec(in_dir, out_dir, seed=0, progress=True):
 
 
 def main(argv=None):
+    """The command line; bad input is one ``error: ...`` line on stderr and exit status 1."""
+    return run_cli(_main, argv)
+
+
+def _main(argv):
     ap = argparse.ArgumentParser(prog="python -m partialfc.tools.shuffle_rec", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="folder with train.rec and train.idx")
@@ -55,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(main())

@@ -100,9 +100,13 @@ def test_cli_table_and_errors(capsys):
     assert rows["mbf"][4] == "0.45"
     with pytest.raises(SystemExit):
         main([])
-    with pytest.raises(SystemExit):
-        main(["r51"])
-    assert "r51" in capsys.readouterr().err
+    capsys.readouterr()
+    # A wrong name or size is bad input, as in the other tools: one error line, exit status 1.
+    assert main(["r51"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown backbone(s) r51; available: ") and "r50" in err and len(err.splitlines()) == 1
+    assert main(["r50", "--embedding-size", "0"]) == 1
+    assert capsys.readouterr().err == "error: --embedding-size must be a positive number of features, got 0\n"
 
 
 def test_module_entry_point():

@@ -64,7 +64,7 @@ DEFAULTS = dict(
     synthetic_val_pairs=1000,
     data_root=None,                # cache folder for generated data; default ~/.cache/partialfc
     # --- optimization ---
-    optimizer="sgd",               # "sgd" or "adamw" for the backbone; class centers always use SparseSGD
+    optimizer="sgd",               # "sgd" or "adamw": backbone and class centers (SparseSGD / SparseAdamW)
     lr=0.1,
     momentum=0.9,
     weight_decay=5e-4,

@@ -6,7 +6,7 @@
 
 One process per device. The backbone is data parallel (Horovod DistributedOptimizer or DDP, gradients
 summed); the class centers are model parallel: each rank owns a contiguous shard that only its SparseSGD
-updates, never broadcast nor allreduced.
+(or SparseAdamW, with ``optimizer="adamw"``) updates, never broadcast nor allreduced.
 """
 import argparse
 import contextlib
@@ -23,7 +23,8 @@ from .backbones import build_backbone
 from .comm import get_comm, launcher_rank
 from .config import ConfigError, load_config
 from .engine import Checkpointer, default_hooks
-from .head import PartialFC, SparseSGD, margin_from_config
+from .engine.run_folder import RunFolderError, claim_output
+from .head import PartialFC, center_optimizer, margin_from_config
 
 BAD_STEP_ADVICE = ("likely fixes: lower lr or raise warmup_epoch; keep clip_grad_norm on; use "
                    "amp_dtype='bfloat16' where the hardware has it; check the data for corrupt images or "
@@ -86,7 +87,7 @@ def amp_dtype_of(config):
 def training_device(config):
     """``(communicator, device)``: one process per device, the local rank's GPU when CUDA is used."""
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    comm = get_comm(config.comm_backend, "cuda" if use_cuda else "cpu")
+    comm = get_comm(config.comm_backend, "cuda" if use_cuda else "cpu", timeout=config.collective_timeout)
     device = torch.device("cuda", comm.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -102,12 +103,24 @@ def training_logger(output, rank):
     for handler in list(logger.handlers):  # a previous Trainer in this process had its own output
         logger.removeHandler(handler)
         handler.close()
+    # The data layer's warnings (skipped images, ...) belong in training.log too.
+    data_logger = logging.getLogger("partialfc.data")
+    for handler in list(data_logger.handlers):
+        if getattr(handler, "partialfc_training_log", False):
+            data_logger.removeHandler(handler)
+            handler.close()
     if rank == 0:
         os.makedirs(output, exist_ok=True)
         fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(output, "training.log"))):
             handler.setFormatter(fmt)
             logger.addHandler(handler)
+        data_fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(os.path.join(output, "training.log"))):
+            handler.setFormatter(data_fmt)
+            handler.setLevel(logging.WARNING)
+            handler.partialfc_training_log = True
+            data_logger.addHandler(handler)
     return logger
 
 
@@ -138,9 +151,24 @@ class Trainer:
         self.comm, self.device = comm, device = training_device(config)
         self.output = config.output
         self.logger = training_logger(self.output, comm.rank)
+        # The output folder is this run's alone: rank 0 locks it, and a fresh run refuses another run's results.
+        self.run = claim_output(self.output, comm, config.resume, config.overwrite, device)
+        try:
+            self._build(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config):
+        comm, device = self.comm, self.device
+        for note in self.run.notes if self.run else ():
+            self.log(note)
         self.tb = tensorboard_writer(config, comm.rank)
         torch.manual_seed(config.seed)
         self.amp_dtype = amp_dtype_of(config)
+        if self.amp_dtype == torch.float16 and device.type == "cpu":
+            self.log("warning: float16 autocast on CPU (fp16=True) runs far slower than float32 there; use "
+                     "amp_dtype='bfloat16' or fp16=False on CPU")
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
 
         self.loader = train_loader(config, comm)
@@ -156,8 +184,9 @@ class Trainer:
                              seed=config.seed, use_ext=config.use_ext).to(device)
         self.model, self.optimizer = comm.data_parallel(
             self.backbone, backbone_optimizer(config, self.backbone, comm), config.gradient_acc)
-        self.pfc_optimizer = SparseSGD(self.pfc, lr=config.lr, momentum=config.momentum,
-                                       weight_decay=config.weight_decay)
+        # The centers take the backbone's optimizer kind, lr and weight decay, as in arcface_torch.
+        self.pfc_optimizer = center_optimizer(self.pfc, config.optimizer, config.lr, config.momentum,
+                                              config.weight_decay)
 
         # One optimizer step consumes gradient_acc micro-batches.
         steps_per_epoch = max(1, num_image // (self.global_batch_size * config.gradient_acc))
@@ -169,17 +198,28 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.output, comm, config, backbone=self.backbone, optimizer=self.optimizer,
             schedulers=self.schedulers, scaler=self.scaler, pfc=self.pfc, pfc_optimizer=self.pfc_optimizer,
-            device=device, log=self.log)
-        if config.resume:
-            progress = self.checkpointer.resume()
-            if progress is not None:
-                self.step, self.epoch, self.batch_in_epoch = (progress["step"], progress["epoch"],
-                                                              progress["batch_in_epoch"])
+            device=device, log=self.log, run=self.run)
+        progress = self.checkpointer.resume() if config.resume else None
+        if progress is not None:
+            self.step, self.epoch, self.batch_in_epoch = (progress["step"], progress["epoch"],
+                                                          progress["batch_in_epoch"])
+        elif self.run is not None:
+            self.run.start_fresh()
+        if self.run is not None:
+            self.log(f"run {self.run.run_id} in {self.output}")
         self.log(f"world size {comm.size} ({comm.backend}), device {device}, {num_classes} classes, "
                  f"{num_image} images, global batch {self.global_batch_size} x {config.gradient_acc} "
                  f"micro-batches, {self.max_steps} steps, amp {self.amp_dtype}\nhead: {self.pfc.extra_repr()}")
         self.hooks = []
         self.register_hooks(default_hooks(config, self.schedulers, self.checkpointer))
+
+    def close(self):
+        """End of training, normal or not: the hooks' ``close`` (the watchdog stops), and the output folder is
+        released (the end of the process releases it too)."""
+        for hook in getattr(self, "hooks", ()):
+            hook.close()
+        if getattr(self, "run", None) is not None:
+            self.run.release()
 
     def register_hooks(self, hooks):
         for hook in hooks:
@@ -273,19 +313,22 @@ class Trainer:
                                      f"step {self.step + 1}; stopping. {BAD_STEP_ADVICE}")
 
     def train(self):
-        self.backbone.train()
-        for hook in self.hooks:
-            hook.before_train()
-        batches = self.batches()
-        while self.step < self.max_steps:
-            micro_batches = [next(batches) for _ in range(self.config.gradient_acc)]
-            self.last_loss = self.train_step(micro_batches)
-            self.step += 1
+        try:
+            self.backbone.train()
             for hook in self.hooks:
-                hook.after_step()
-        for hook in self.hooks:
-            hook.after_train()
-        self.checkpointer.save_final()
+                hook.before_train()
+            batches = self.batches()
+            while self.step < self.max_steps:
+                micro_batches = [next(batches) for _ in range(self.config.gradient_acc)]
+                self.last_loss = self.train_step(micro_batches)
+                self.step += 1
+                for hook in self.hooks:
+                    hook.after_step()
+            for hook in self.hooks:
+                hook.after_train()
+            self.checkpointer.save_final()
+        finally:
+            self.close()
 
 
 def main(argv=None):
@@ -296,11 +339,14 @@ def main(argv=None):
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise SystemExit(f"[rank {launcher_rank()}] error: {exc}")
     trainer = None
     try:
         trainer = Trainer(config)
         trainer.train()
+    except RunFolderError as exc:  # a refused output folder: the message says what to do, no traceback needed
+        sys.stderr.write(f"[rank {launcher_rank()}] error: {exc}\n")
+        raise SystemExit(2)
     except Exception:
         # Only rank 0 logs; any other rank that fails says so, with its rank, before the launcher stops all.
         rank = trainer.comm.rank if trainer is not None else launcher_rank()

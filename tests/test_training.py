@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from partialfc import PartialFC, SparseSGD
+from partialfc import PartialFC, SparseAdamW, SparseSGD
 from partialfc.comm import Communicator, HorovodComm, TorchDistComm
 from partialfc.config import Config, ConfigError, load_config
 from partialfc.engine import checkpointer as checkpoint
@@ -405,3 +405,40 @@ def test_non_finite_checkpoint_is_never_sealed(tmp_path):
     folder = checkpoint.step_dir(cfg.output, 7)
     assert not os.path.exists(os.path.join(folder, checkpoint.MANIFEST))
     assert checkpoint.latest_complete(cfg.output).endswith("step_1")  # the run's own final checkpoint
+
+
+@pytest.mark.parametrize("optimizer,backbone_cls,center_cls", [
+    ("sgd", torch.optim.SGD, SparseSGD), ("adamw", torch.optim.AdamW, SparseAdamW)])
+def test_each_parameter_gets_the_configured_optimizer(tmp_path, optimizer, backbone_cls, center_cls):
+    cfg = _tiny_config(tmp_path, optimizer=optimizer, lr=0.002, weight_decay=0.1)
+    trainer = Trainer(cfg)
+    trainer.close()
+    assert type(trainer.optimizer) is backbone_cls and type(trainer.pfc_optimizer) is center_cls
+    backbone_params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    center_params = [p for g in trainer.pfc_optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in backbone_params} == {id(p) for p in trainer.backbone.parameters()}
+    assert [id(p) for p in center_params] == [id(trainer.pfc.weight)]
+    for opt in (trainer.optimizer, trainer.pfc_optimizer):  # the same lr and weight decay for both
+        assert opt.param_groups[0]["weight_decay"] == 0.1
+        assert opt.param_groups[0]["initial_lr"] == pytest.approx(0.002)
+
+
+def test_vit_configs_train_the_centers_with_adamw():
+    vit = [name for name in os.listdir(os.path.join(ROOT, "configs")) if "vit" in name]
+    assert len(vit) >= 5
+    for name in vit:
+        cfg = load_config(os.path.join(ROOT, "configs", name))
+        assert cfg.optimizer == "adamw", name  # so the Trainer gives the centers SparseAdamW (test above)
+
+
+def test_interrupted_and_resumed_adamw_run_gives_the_same_losses(tmp_path):
+    adamw = dict(optimizer="adamw", lr=0.002, weight_decay=0.1, save_every=3)
+    _, full = _train(_tiny_config(tmp_path / "a", **adamw))
+    interrupted = _tiny_config(tmp_path / "b", **adamw)
+    _train(interrupted, stop_at=4)
+    resumed, rest = _train(Config(interrupted, resume=True))
+    assert isinstance(resumed.pfc_optimizer, SparseAdamW) and sorted(rest) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert rest[step] == pytest.approx(full[step], abs=1e-6), (step, rest, full)
+    state = resumed.pfc_optimizer.state[resumed.pfc.weight]
+    assert int(state["row_step"].max()) <= 6 and int(state["row_step"].sum()) > 0

@@ -2,7 +2,8 @@
 
 Layout under ``OUTPUT/checkpoints/step_<N>/``:
 
-- ``rank_<r>.pt`` on every rank: its class-center shard, the SparseSGD momentum, the head's sampler state
+- ``rank_<r>.pt`` on every rank: its class-center shard, the center optimizer's state (SparseSGD's momentum
+  or SparseAdamW's moments and per-row steps), the head's sampler state
   and the rank's RNG states;
 - ``trainer.pt`` on rank 0: backbone, backbone optimizer, LR schedulers, grad scaler, step, epoch and the
   config;
@@ -25,6 +26,7 @@ import shutil
 import torch
 
 from ..fileio import write_atomic
+from .run_folder import read_run
 
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -101,10 +103,11 @@ def latest_complete(output):
     return None
 
 
-def write_manifest(folder, world_size, step, keep=2, digests=None):
-    """Rank 0, after a barrier: seal ``folder`` and drop complete checkpoints older than the last ``keep``.
-    ``digests`` maps file names to their sha256 (each rank hashes its own file); files not in it are hashed
-    here."""
+def write_manifest(folder, world_size, step, keep=2, digests=None, run_id=None):
+    """Rank 0, after a barrier: seal ``folder`` as a checkpoint of run ``run_id``, then drop this run's
+    complete checkpoints older than its last ``keep``. Another run's checkpoints are never touched; an unsealed
+    folder older than ``step`` (a save cut short) is not a checkpoint and goes too. ``digests`` maps file names
+    to their sha256 (each rank hashes its own file); files not in it are hashed here."""
     names = [f"rank_{r}.pt" for r in range(world_size)] + ["trainer.pt"]
     missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
     if missing:
@@ -112,12 +115,29 @@ def write_manifest(folder, world_size, step, keep=2, digests=None):
     digests = digests or {}
     files = {n: {"size": os.path.getsize(os.path.join(folder, n)),
                  "sha256": digests.get(n) or file_digest(os.path.join(folder, n))} for n in names}
-    write_json_atomic({"step": step, "world_size": world_size, "files": files}, os.path.join(folder, MANIFEST))
+    write_json_atomic({"step": step, "world_size": world_size, "run_id": run_id, "files": files},
+                      os.path.join(folder, MANIFEST))
     root = os.path.dirname(folder)
-    steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m)
-    for old in steps[:-keep] if keep else []:
+    output = os.path.dirname(root)
+    own, torn = [], []
+    for old in sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m):
+        manifest = _read_manifest(step_dir(output, old))
+        if manifest is None:
+            torn.append(old)
+        elif manifest.get("run_id") == run_id:
+            own.append(old)
+    for old in (own[:-keep] if keep else []) + torn:
         if old < step:
-            shutil.rmtree(step_dir(os.path.dirname(root), old), ignore_errors=True)
+            shutil.rmtree(step_dir(output, old), ignore_errors=True)
+
+
+def _read_manifest(folder):
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            manifest = json.load(f)
+        return manifest if isinstance(manifest, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 class Checkpointer:
@@ -128,13 +148,18 @@ class Checkpointer:
     """
 
     def __init__(self, output, comm, config, *, backbone, optimizer, schedulers, scaler, pfc, pfc_optimizer,
-                 device, log):
+                 device, log, run=None):
         self.output, self.comm, self.config, self.device, self.log = output, comm, config, device, log
+        self.run = run  # rank 0's claim on the output folder (partialfc.engine.run_folder); None elsewhere
         self.backbone, self.optimizer, self.schedulers, self.scaler = backbone, optimizer, schedulers, scaler
         self.pfc, self.pfc_optimizer = pfc, pfc_optimizer
 
+    @property
+    def run_id(self):
+        return self.run.run_id if self.run is not None else None
+
     def _rank_state(self):
-        self.pfc_optimizer.momentum_buffer()  # materialize it, so the state always holds one
+        self.pfc_optimizer.materialize_state()  # so the saved state always holds its buffers
         return dict(weight=self.pfc.weight.detach().cpu(), pfc_optimizer=self.pfc_optimizer.state_dict(),
                     class_start=self.pfc.class_start, num_local=self.pfc.num_local,
                     sampler=self.pfc.sampler.get_state(), torch_rng=torch.get_rng_state(),
@@ -161,15 +186,16 @@ class Checkpointer:
             state = dict(backbone=backbone, optimizer=self.optimizer.state_dict(),
                          schedulers=[s.state_dict() for s in self.schedulers],
                          scaler=self.scaler.state_dict() if self.scaler else None,
-                         step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                         world_size=comm.size, config=json.dumps(self.config, default=str))
+                         step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=comm.size,
+                         num_classes=self.pfc.num_classes, run_id=self.run_id,
+                         config=json.dumps(self.config, default=str))
             save_atomic(state, os.path.join(folder, "trainer.pt"))
         comm.barrier()
         # A checkpoint whose tensors are not finite is never sealed: resume would carry them on.
         finite = not bool(comm.allreduce(torch.tensor([0.0 if finite else 1.0]), "max").item())
         if comm.rank == 0:
             if finite:
-                write_manifest(folder, comm.size, step,
+                write_manifest(folder, comm.size, step, run_id=self.run_id,
                                digests={f"rank_{r}.pt": bytes(digests[r].tolist()).hex() for r in range(comm.size)})
                 self.log(f"checkpoint {folder}")
             else:
@@ -186,6 +212,7 @@ class Checkpointer:
         if trainer["world_size"] != self.comm.size:
             raise RuntimeError(f"checkpoint {folder} was written by {trainer['world_size']} ranks; this run has "
                                f"{self.comm.size}: class-center shards would not line up")
+        self._check_compatible(folder, trainer, mine)
         self.backbone.load_state_dict(trainer["backbone"])
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.pfc_optimizer.load_state_dict(mine["pfc_optimizer"])  # momentum and the scheduled lr
@@ -201,8 +228,36 @@ class Checkpointer:
         torch.set_rng_state(mine["torch_rng"])
         if mine["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
-        self.log(f"resumed from {folder} at step {trainer['step']}")
+        if self.run is not None:
+            self.run.adopt(trainer.get("run_id"), folder)
+        self.log(f"resumed from {folder} at step {trainer['step']}"
+                 + (f" (run {trainer['run_id']})" if trainer.get("run_id") else ""))
         return dict(step=trainer["step"], epoch=trainer["epoch"], batch_in_epoch=trainer["batch_in_epoch"])
+
+    def _check_compatible(self, folder, trainer, mine):
+        """Resume refuses what the checkpoint cannot serve: another backbone, embedding size or class count
+        (the tensors would not fit), or another batch size (the data position counts batches)."""
+        try:
+            saved = json.loads(trainer.get("config") or "{}")
+        except ValueError:
+            saved = {}
+        saved_classes = trainer.get("num_classes")
+        if saved_classes is None and self.comm.size == 1:  # checkpoints of earlier versions: the one shard
+            saved_classes = int(mine["weight"].shape[0])
+        checks = [("network", saved.get("network"), self.config.network),
+                  ("optimizer", saved.get("optimizer"), self.config.optimizer),
+                  ("embedding_size", saved.get("embedding_size"), self.config.embedding_size),
+                  ("num_classes", saved_classes, self.pfc.num_classes),
+                  ("batch_size", saved.get("batch_size"), self.config.batch_size)]
+        for key, then, now in checks:
+            if then is not None and then != now:
+                what = "the class count" if key == "num_classes" else key
+                raise RuntimeError(
+                    f"cannot resume from {folder}: {what} is {then!r} in the checkpoint and {now!r} in this run; "
+                    f"resume with {key}={then!r}, or start a new run (another output=..., or overwrite=True)")
+        if tuple(mine["weight"].shape) != tuple(self.pfc.weight.shape):
+            raise RuntimeError(f"cannot resume from {folder}: rank {self.comm.rank}'s class-center shard is "
+                               f"{tuple(mine['weight'].shape)} there and {tuple(self.pfc.weight.shape)} here")
 
     def _newest_verified(self):
         """``(folder, trainer state, this rank's state)`` of the newest complete checkpoint whose files match
@@ -212,10 +267,16 @@ class Checkpointer:
         root = os.path.join(self.output, "checkpoints")
         steps = sorted((int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m),
                        reverse=True) if os.path.isdir(root) else []
+        owner = read_run(self.output)
+        owner = owner["run_id"] if owner else None
         for step in steps:
             folder = step_dir(self.output, step)
             if _manifest_files(folder) is None:
                 continue  # never sealed: the run stopped while saving it
+            run_id = (_read_manifest(folder) or {}).get("run_id")
+            if owner and run_id and run_id != owner:
+                self.log(f"{folder} belongs to run {run_id}, not to this folder's run {owner}; skipped")
+                continue
             # Rank 0 checks trainer.pt, every rank its own shard; the ranks agree on the outcome.
             names = (["trainer.pt"] if comm.rank == 0 else []) + [f"rank_{comm.rank}.pt"]
             problem = next(filter(None, (verify_file(folder, n) for n in names)), None)

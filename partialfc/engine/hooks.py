@@ -26,6 +26,9 @@ class HookBase:
     def after_train(self):
         pass
 
+    def close(self):
+        """Called once when training ends, normally or by an exception; release what the hook holds."""
+
 
 def peak_memory_mb(device):
     if device.type == "cuda":
@@ -133,7 +136,7 @@ class WatchdogHook(HookBase):
 
     def before_train(self):
         t = self.trainer
-        self._stop()  # a previous train() of this Trainer
+        self.close()  # a previous train() of this Trainer
         if self.timeout is None or t.comm.size == 1:
             return
         self.watchdog = StepWatchdog(t.comm.rank, t.comm.size, self.timeout, os.path.join(t.output, self.FOLDER))
@@ -144,9 +147,9 @@ class WatchdogHook(HookBase):
             self.watchdog.step_done(self.trainer.step)
 
     def after_train(self):
-        self._stop()
+        self.close()
 
-    def _stop(self):
+    def close(self):
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None

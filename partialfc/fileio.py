@@ -1,8 +1,9 @@
 """Small file helpers shared by the checkpointer, the data layer and the tools."""
+import contextlib
 import io
 import os
 
-__all__ = ["AtomicWriteError", "write_atomic"]
+__all__ = ["AtomicWriteError", "removed_on_failure", "write_atomic"]
 
 
 class AtomicWriteError(OSError):
@@ -81,3 +82,18 @@ def write_atomic(path, write, mode="wb"):
         else:
             raise
         raise AtomicWriteError(cause.errno, _describe(cause, path), path) from exc
+
+
+@contextlib.contextmanager
+def removed_on_failure(path, *temporaries):
+    """For a writer that fills its own temporary files (several files, a record writer) and renames them
+    inside the block: on any failure the ``temporaries`` go, and an OSError is raised as
+    :class:`AtomicWriteError` naming ``path``, as :func:`write_atomic` does."""
+    try:
+        yield
+    except BaseException as exc:
+        for tmp in temporaries:
+            _remove_quietly(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, AtomicWriteError):
+            raise AtomicWriteError(exc.errno, _describe(exc, path), path) from exc
+        raise

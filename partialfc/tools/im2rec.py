@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from partialfc.data import recordio
 from partialfc.data.datasets import IMAGE_EXTENSIONS, sort_class_names
+from partialfc.fileio import removed_on_failure, write_atomic
 from partialfc.tools import ToolError, read_text_lines, run_cli
 
 SIZE = 112
@@ -95,6 +96,18 @@ def pack_dataset(items, out_dir, quality=95, reencode=False, num_workers=None, s
     os.makedirs(out_dir, exist_ok=True)
     rec_path, idx_path = os.path.join(out_dir, "train.rec"), os.path.join(out_dir, "train.idx")
     tmp_rec, tmp_idx = rec_path + ".tmp", idx_path + ".tmp"
+    # a corrupt image or a full disk part way leaves no .tmp behind
+    with removed_on_failure(rec_path, tmp_rec, tmp_idx):
+        n, num_classes, skipped = _write_records(items, tmp_rec, tmp_idx, quality, reencode, num_workers,
+                                                 skip_corrupt, progress)
+        os.replace(tmp_rec, rec_path)
+        os.replace(tmp_idx, idx_path)
+    write_atomic(os.path.join(out_dir, "property"), lambda f: f.write(f"{num_classes},{SIZE},{SIZE}\n"), mode="w")
+    return dict(images=n, num_classes=num_classes, skipped=skipped)
+
+
+def _write_records(items, tmp_rec, tmp_idx, quality, reencode, num_workers, skip_corrupt, progress):
+    """The records of :func:`pack_dataset` into the temporary files; ``(images, identities, skipped)``."""
     writer = recordio.MXIndexedRecordIO(tmp_idx, tmp_rec, "w")
     # record 0 is rewritten once the image count is known; reserve it with the right size
     n_total = len(items)
@@ -135,11 +148,7 @@ def pack_dataset(items, out_dir, quality=95, reencode=False, num_workers=None, s
     header0 = recordio.encode_record(recordio.pack(recordio.IRHeader(2, [n + 1, n + 1 + num_classes], 0, 0), b""))
     with open(tmp_rec, "r+b") as f:      # same length as the placeholder, so offsets stay valid
         f.write(header0)
-    os.replace(tmp_rec, rec_path)
-    os.replace(tmp_idx, idx_path)
-    with open(os.path.join(out_dir, "property"), "w") as f:
-        f.write(f"{num_classes},{SIZE},{SIZE}\n")
-    return dict(images=n, num_classes=num_classes, skipped=skipped)
+    return n, num_classes, skipped
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from partialfc.data import recordio
 from partialfc.data.datasets import IndexedRecordDataset
+from partialfc.fileio import removed_on_failure, write_atomic
 from partialfc.tools import ToolError, run_cli
 
 
@@ -31,14 +32,14 @@ def shuffle_rec(in_dir, out_dir, seed=0, progress=True):
         raise ToolError("the output folder must differ from the input folder")
     os.makedirs(out_dir, exist_ok=True)
     out_rec, out_idx = os.path.join(out_dir, "train.rec"), os.path.join(out_dir, "train.idx")
-    writer = recordio.MXIndexedRecordIO(out_idx + ".tmp", out_rec + ".tmp", "w")
-    for new_key, i in enumerate(tqdm(order, desc="shuffle_rec", unit="rec", disable=not progress)):
-        writer.write_idx(new_key, ds.file.record(ds.offsets[i], int(ds.keys[i])))
-    writer.close()
-    os.replace(out_rec + ".tmp", out_rec)
-    os.replace(out_idx + ".tmp", out_idx)
-    with open(os.path.join(out_dir, "property"), "w") as f:
-        f.write(f"{ds.num_classes},112,112\n")
+    with removed_on_failure(out_rec, out_rec + ".tmp", out_idx + ".tmp"):  # a full disk leaves no .tmp behind
+        writer = recordio.MXIndexedRecordIO(out_idx + ".tmp", out_rec + ".tmp", "w")
+        for new_key, i in enumerate(tqdm(order, desc="shuffle_rec", unit="rec", disable=not progress)):
+            writer.write_idx(new_key, ds.file.record(ds.offsets[i], int(ds.keys[i])))
+        writer.close()
+        os.replace(out_rec + ".tmp", out_rec)
+        os.replace(out_idx + ".tmp", out_idx)
+    write_atomic(os.path.join(out_dir, "property"), lambda f: f.write(f"{ds.num_classes},112,112\n"), mode="w")
     return dict(images=len(ds), num_classes=ds.num_classes, layout=ds.layout)
 
 

@@ -146,6 +146,52 @@ def test_shuffle_rec_bad_input(tmp_path, capsys):
     assert err == f"error: {str(tmp_path / 'nothing')!r} has no train.rec"
 
 
+def _faces(folder, n=4):
+    for i in range(n):
+        (folder / f"id_{i % 2}").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"id_{i % 2}" / f"{i}.jpg"), np.full((112, 112, 3), 30 * i, np.uint8))
+    return str(folder)
+
+
+def _errors_without_bars(capsys, tool):
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln and not ln.startswith(f"{tool}:")]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+def test_im2rec_and_shuffle_rec_on_a_full_disk_leave_no_temporaries(tmp_path, capsys):
+    faces, packed = _faces(tmp_path / "faces"), tmp_path / "packed"
+    packed.mkdir()
+    os.symlink("/dev/full", packed / "train.rec.tmp")  # the record writer's temporary: every write fails
+    with pytest.raises(SystemExit) as info:
+        im2rec.main([faces, str(packed), "--num-workers", "1"])
+    assert info.value.code == 1
+    assert _errors_without_bars(capsys, "im2rec") == [f"error: no space left on device while writing {packed}/train.rec"]
+    assert os.listdir(packed) == []
+
+    assert im2rec.main([faces, str(packed), "--num-workers", "1"]) == 0
+    capsys.readouterr()
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    os.symlink("/dev/full", shuffled / "train.rec.tmp")
+    with pytest.raises(SystemExit) as info:
+        shuffle_rec.main([str(packed), str(shuffled)])
+    assert info.value.code == 1
+    assert _errors_without_bars(capsys, "shuffle_rec") == [
+        f"error: no space left on device while writing {shuffled}/train.rec"]
+    assert os.listdir(shuffled) == []
+
+
+def test_im2rec_stopped_by_a_corrupt_image_leaves_no_temporaries(tmp_path, capsys):
+    faces = _faces(tmp_path / "faces")
+    (tmp_path / "faces" / "id_1" / "9.jpg").write_bytes(b"\xff\xd8\xff not a JPEG")
+    with pytest.raises(SystemExit) as info:
+        im2rec.main([faces, str(tmp_path / "out"), "--num-workers", "1"])
+    assert info.value.code == 1
+    err = _errors_without_bars(capsys, "im2rec")
+    assert len(err) == 1 and err[0].startswith("error: cannot decode image") and "9.jpg" in err[0]
+    assert os.listdir(tmp_path / "out") == []
+
+
 def test_tool_module_exits_1_without_a_traceback(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -74,11 +74,11 @@ class OnnxEmbedder:
             raise CheckpointError(f"onnxruntime cannot load {path} as an ONNX model: {_first_line(exc)}") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise ValueError(f"ONNX model {path!r} has {len(inputs)} inputs; a face embedder takes one image batch")
+            raise CheckpointError(f"ONNX model {path} has {len(inputs)} inputs; a face embedder takes one image batch")
         self.input_name = inputs[0].name
         shape = inputs[0].shape
         if len(shape) != 4:
-            raise ValueError(f"ONNX model {path!r} input {self.input_name!r} has shape {shape}, expected [N, 3, H, W]")
+            raise CheckpointError(f"ONNX model {path} input {self.input_name!r} has shape {shape}, expected [N, 3, H, W]")
         self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         self.input_hw = tuple(s if isinstance(s, int) else None for s in shape[2:])
 

@@ -110,6 +110,12 @@ def bad_files(workdir):
     torch.save({"config": argparse.Namespace(lr=0.1)}, bad / "objects.pt")  # weights_only refuses it
     (bad / "truncated.pt").write_bytes((root / "model.pt").read_bytes()[:300])
     (bad / "garbage.onnx").write_bytes(b"not a protobuf at all")
+    onnx = pytest.importorskip("onnx")
+    h = onnx.helper
+    two_inputs = h.make_graph([h.make_node("Add", ["a", "b"], ["c"])], "add",
+                              [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 3, 112, 112]) for n in "ab"],
+                              [h.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [1, 3, 112, 112])])
+    onnx.save(h.make_model(two_inputs, opset_imports=[h.make_opsetid("", 17)]), str(bad / "two_inputs.onnx"))
     (bad / "text.bin").write_text("lfw pairs, in words\n")
     jpeg = cv2.imencode(".jpg", np.zeros((112, 112, 3), np.uint8))[1].tobytes()
     (bad / "undecodable.bin").write_bytes(pickle.dumps(([jpeg, b"no image here"] * 2, [True, False])))
@@ -118,7 +124,7 @@ def bad_files(workdir):
 
 @pytest.mark.parametrize("case", [
     "text file as model", "missing model", "list, not a state_dict", "arbitrary objects", "truncated checkpoint",
-    "garbage onnx",
+    "garbage onnx", "onnx with two inputs",
     "other network", "unknown network", "wrong embedding size", "missing bin", "text bin", "undecodable image",
     "unknown device", "too many folds",
 ])
@@ -138,6 +144,8 @@ def test_verification_bad_input_is_one_line_naming_the_file(bad_files, capsys, c
                                  [str(bad / "truncated.pt"), "damaged or truncated PyTorch checkpoint"]),
         "garbage onnx": (["--model", str(bad / "garbage.onnx")],
                          [str(bad / "garbage.onnx"), "cannot load", "as an ONNX model"]),
+        "onnx with two inputs": (["--model", str(bad / "two_inputs.onnx")],
+                                 [str(bad / "two_inputs.onnx"), "has 2 inputs; a face embedder takes one image batch"]),
         "other network": (["--model", model, "--network", "r18"],
                           [model, "does not match network 'r18'", "missing from the file"]),
         "unknown network": (["--model", model, "--network", "r5000"], ["unknown network 'r5000'", "available: "]),

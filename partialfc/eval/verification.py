@@ -457,13 +457,25 @@ class VerificationHook(HookBase):
 
         return val_bin_path(self.config, name)
 
+    def _searched(self, name, path):
+        """Where the target was looked for, for the warning."""
+        if path is not None:
+            return f"no file {path}"
+        rec = self.config.get("rec")
+        if rec == "synthetic":
+            return "rec='synthetic' provides only 'synthetic_val'"
+        if rec is not None and self.path_resolver is None:
+            return f"no file {os.path.join(os.fspath(rec), name + '.bin')}: targets are read from <rec>/<name>.bin"
+        return "its path resolver found no file"
+
     def _load(self, poll):
         self.sets = {}
         for name in self.targets:
             path = self._resolve(name)
             if path is None or not os.path.isfile(path):
                 self.missing.append(name)
-                self.trainer.log(f"warning: verification target {name!r} not found; it is skipped")
+                self.trainer.log(f"warning: verification target {name!r} not found ({self._searched(name, path)}); "
+                                 f"it is skipped")
                 continue
             self.sets[name] = load_bin(path, callback=poll)
             poll()

@@ -1,4 +1,5 @@
 """VerificationHook driven by a fake trainer: schedule, records, rank-0-only work, the wait protocol."""
+import os
 import pickle
 import threading
 import time
@@ -221,3 +222,19 @@ def test_a_failure_on_rank_zero_reaches_the_other_ranks(tmp_path):
         cfg, lambda c, n: str(bad), 2, [_TinyNet(), _TinyNet()], steps=1)
     assert "bad.bin" in str(errors[0])
     assert isinstance(errors[1], RuntimeError) and "rank 0" in str(errors[1])
+
+
+def test_missing_target_warning_names_the_path_searched(tmp_path):
+    cfg = _config(["lfw"], verbose=0)
+    cfg.rec = str(tmp_path / "ms1m")
+    trainer = _Trainer(cfg)
+    _drive(VerificationHook(cfg), trainer, steps=1)
+    expected = os.path.join(str(tmp_path / "ms1m"), "lfw.bin")
+    assert [line for line in trainer.logs if "lfw" in line] == [
+        f"warning: verification target 'lfw' not found (no file {expected}: targets are read from "
+        f"<rec>/<name>.bin); it is skipped"]
+    cfg = _config(["lfw"], verbose=0)
+    cfg.rec = "synthetic"
+    trainer = _Trainer(cfg)
+    _drive(VerificationHook(cfg), trainer, steps=1)
+    assert "(rec='synthetic' provides only 'synthetic_val')" in " ".join(trainer.logs)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from launchers import ROOT, missing, run
+from launchers import ROOT, launch, missing, run
 
 
 def _args(tmp_path, name, *extra):
@@ -54,3 +54,14 @@ def test_zero_optimizer_matches_plain_optimizer_under_torchrun(tmp_path):
         a = torch.load(tmp_path / "plain" / f"softmax_fc_rank_{rank}.pt", weights_only=True)["weight"]
         b = torch.load(tmp_path / "zero" / f"softmax_fc_rank_{rank}.pt", weights_only=True)["weight"]
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_every_rank_names_itself_in_a_config_error(launcher, tmp_path):
+    _need(launcher)
+    proc = launch(launcher, 2, *_args(tmp_path, "out", "lr=abc"), timeout=120)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] error: config key 'lr' = 'abc': expected a number >= 0" in output, output[-3000:]
+    assert "[rank ?]" not in output

@@ -56,8 +56,8 @@ def _make_fixture(root, target="IJBC", n_ids=10, templates_per_id=3, seed=0):
     return root
 
 
-def _independent(root, target, model, use_detector_score):
-    """The protocol written out directly: per-image loop, insightface-style pooling, sklearn ROC."""
+def _independent_face_features(root, target, model, use_detector_score):
+    """Per-image features written out directly (cv2 alignment, image + flip): ``(feats, templates, medias)``."""
     low = target.lower()
     meta = root / "meta"
     rows = [line.split() for line in (meta / f"{low}_face_tid_mid.txt").read_text().splitlines()]
@@ -79,6 +79,13 @@ def _independent(root, target, model, use_detector_score):
         feats = (model(x) + model(torch.flip(x, dims=[3]))).double().numpy()
     if use_detector_score:
         feats = feats * np.array(scores)[:, None]
+    return feats, templates, medias
+
+
+def _independent(root, target, model, use_detector_score):
+    """The protocol written out directly: per-image loop, insightface-style pooling, sklearn ROC."""
+    meta = root / "meta"
+    feats, templates, medias = _independent_face_features(root, target, model, use_detector_score)
     uniq = np.unique(templates)
     tfeat = np.zeros((len(uniq), feats.shape[1]))
     for i, t in enumerate(uniq):
@@ -86,7 +93,7 @@ def _independent(root, target, model, use_detector_score):
         tfeat[i] = sum(feats[sel][medias[sel] == mm].mean(axis=0) for mm in np.unique(medias[sel]))
     tfeat = normalize(tfeat)
     lookup = {t: i for i, t in enumerate(uniq)}
-    pairs = np.loadtxt(meta / f"{low}_template_pair_label.txt", dtype=int)
+    pairs = np.loadtxt(meta / f"{target.lower()}_template_pair_label.txt", dtype=int)
     s = np.array([tfeat[lookup[a]] @ tfeat[lookup[b]] for a, b, _ in pairs])
     fpr, tpr, _ = roc_curve(pairs[:, 2], s)
     fpr, tpr = np.flipud(fpr), np.flipud(tpr)

@@ -5,16 +5,47 @@
 
 The CPU kernels are always built. The CUDA kernels are built when this torch has CUDA and nvcc is found;
 ``PARTIALFC_FORCE_CUDA=1`` builds them regardless of the torch build (nvcc must exist),
-``PARTIALFC_NO_CUDA=1`` skips them. GPU architectures default to sm_80 and sm_90;
-``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;8.6;9.0") overrides them. ``MAX_JOBS`` caps parallel compile jobs.
+``PARTIALFC_NO_CUDA=1`` skips them. GPU architectures default to the data-center and workstation generations
+this nvcc can target (Turing sm_75 to Blackwell), the build machine's own GPUs, and PTX of the newest, which
+the driver compiles for any later GPU; ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;8.6;9.0+PTX") overrides them. The
+list built goes to ``partialfc/_build_info.py``, so the package can tell a GPU it has no kernels for.
+``MAX_JOBS`` caps parallel compile jobs.
 """
 import glob
 import os
+import re
+import subprocess
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+# sm_75 T4, sm_80 A100, sm_86 A10/RTX 30, sm_89 L4/L40, sm_90 H100/H200, sm_100 B200, sm_120 RTX 50 / RTX PRO.
+CANDIDATE_ARCHS = ("7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+
+
+def nvcc_archs(nvcc):
+    """The real architectures ``nvcc`` can compile for, as "8.0"-style strings (empty when it cannot say)."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [f"{m[:-1]}.{m[-1]}" for m in re.findall(r"sm_(\d+)", out)]
+
+
+def default_arch_list(supported, local=()):
+    """``TORCH_CUDA_ARCH_LIST`` for a build: the candidates and the local GPUs' capabilities that nvcc
+    supports (all candidates when it cannot say), in order, the newest also as PTX."""
+    wanted = sorted(set(CANDIDATE_ARCHS) | set(local), key=lambda a: tuple(int(x) for x in a.split(".")))
+    archs = [a for a in wanted if not supported or a in supported]
+    if not archs:
+        raise RuntimeError(f"nvcc supports none of the architectures {wanted} (it lists {supported})")
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
+def write_build_info(arch_list):
+    with open(os.path.join(HERE, "partialfc", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"CUDA_ARCH_LIST = {arch_list!r}\n")
 
 
 def _flag(name):
@@ -50,12 +81,17 @@ def _extensions():
     kwargs = dict(include_dirs=[os.path.join(HERE, csrc)], extra_link_args=["-fopenmp"])
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+            local = [f"{major}.{minor}" for major, minor in (torch.cuda.get_device_capability(i) for i in
+                                                              range(torch.cuda.device_count()))]
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(
+                nvcc_archs(os.path.join(CUDA_HOME, "bin", "nvcc")), local)
+        write_build_info(os.environ["TORCH_CUDA_ARCH_LIST"])
         define_macros.append(("PARTIALFC_WITH_CUDA", None))
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension("partialfc._C", sources + cuda_sources, define_macros=define_macros,
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     else:
+        write_build_info(None)
         ext = CppExtension("partialfc._C", sources, define_macros=define_macros,
                            extra_compile_args={"cxx": cxx}, **kwargs)
     # Ninja compiles the sources in parallel; at most four jobs unless MAX_JOBS says otherwise.
@@ -63,19 +99,20 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
-ext_modules, cmdclass = _extensions()
+if __name__ == "__main__":  # (setuptools runs this file as __main__; tests import it for its helpers)
+    ext_modules, cmdclass = _extensions()
 
-setup(
-    name="partialfc",
-    version="0.1.0",
-    description="Partial FC: margin-softmax face-recognition training over millions of identities",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["partialfc*"]),
-    python_requires=">=3.9",
-    # torch is deliberately absent: the user's torch build (CPU or a given CUDA) is never replaced.
-    install_requires=["numpy"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+    setup(
+        name="partialfc",
+        version="0.1.0",
+        description="Partial FC: margin-softmax face-recognition training over millions of identities",
+        long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+        long_description_content_type="text/markdown",
+        packages=find_packages(include=["partialfc*"]),
+        python_requires=">=3.9",
+        # torch is deliberately absent: the user's torch build (CPU or a given CUDA) is never replaced.
+        install_requires=["numpy"],
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        zip_safe=False,
+    )

@@ -207,7 +207,10 @@ class TorchDistComm(Communicator):
     backend = "torch"
 
     def __init__(self, device_type="cpu", timeout=None):
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        # On GPUs, NCCL for CUDA tensors and Gloo for CPU ones: small host-side flags and counters (a step's
+        # skip vote, checkpoint digests) then work as they do on CPU, instead of failing with "No backend
+        # type associated with device type cpu".
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         if not dist.is_initialized():
             kwargs = dict(timeout=process_group_timeout(timeout))
             if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -220,7 +223,7 @@ class TorchDistComm(Communicator):
         else:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.rank, self.size, self.local_rank = dist.get_rank(), dist.get_world_size(), local_rank
-        self._nccl = backend == "nccl"
+        self._nccl = device_type == "cuda"
 
     def allgather(self, tensor):
         tensor = tensor.contiguous()
@@ -237,7 +240,7 @@ class TorchDistComm(Communicator):
         return out
 
     def reduce_scatter(self, tensor):
-        if not self._nccl:  # Gloo has no reduce_scatter
+        if not (self._nccl and tensor.is_cuda):  # Gloo has no reduce_scatter
             return super().reduce_scatter(tensor)
         self._check_scatter(tensor)
         out = tensor.new_empty((tensor.shape[0] // self.size,) + tuple(tensor.shape[1:]))

@@ -364,7 +364,10 @@ def save_det_plot(path, curves, title):
     ax.set_xlabel("False Positive Identification Rate")
     ax.set_ylabel("False Negative Identification Rate")
     ax.set_title(title)
-    ax.legend(loc="upper right")
+    if curves:
+        ax.legend(loc="upper right")
+    else:  # every probe is mated in every gallery: FPIR is undefined
+        ax.text(0.5, 0.5, "no non-mated probes", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout()
     fig.savefig(path, format="png")
 

@@ -81,6 +81,17 @@ DEFAULTS = dict(
     max_bad_steps=20,              # consecutive non-finite fp16 steps before the run stops
     zero_optimizer=False,          # shard the backbone optimizer state (torch.distributed only)
     seed=2048,
+    # --- fine-tuning: start from weights, not from a run's schedule (resume wins when both are given) ---
+    init_backbone=None,            # model.pt, backbone.pth, checkpoint_gpu_<r>.pt, trainer.pt, or a folder of one
+    init_centers=None,             # a run's folder / softmax_fc_rank_<r>.pt, a checkpoint folder, softmax_fc_gpu_<r>.pt
+    backbone_lr_mult=1.0,          # the backbone's lr is lr * backbone_lr_mult; the class centers keep lr
+    freeze_backbone_steps=0,       # the first N steps train only the head (backbone and its BatchNorm fixed)
+    # --- feature distillation: loss = (1 - w) * margin loss + w * distill loss, w = distill_weight ---
+    teacher_network=None,          # a registered backbone; with teacher_weights
+    teacher_weights=None,          # any backbone file init_backbone takes
+    teacher_embedding_size=None,   # default: embedding_size; when it differs, a trained linear projection
+    distill_loss="l2",             # "l2": |s - t|^2 of normalized embeddings, "cosine": 1 - cos(s, t)
+    distill_weight=0.0,            # w in [0, 1]; 0 disables distillation
     # --- distribution ---
     comm_backend="auto",           # "auto", "horovod", "torch" or "single"
     device="auto",                 # "auto", "cpu" or "cuda"
@@ -301,6 +312,15 @@ SCHEMA = dict(
     max_bad_steps=integer(1),
     zero_optimizer=boolean(),
     seed=integer(0),
+    init_backbone=optional(string()),
+    init_centers=optional(string()),
+    backbone_lr_mult=number(0),
+    freeze_backbone_steps=integer(0),
+    teacher_network=optional(string()),          # the registry checks the name
+    teacher_weights=optional(string()),
+    teacher_embedding_size=optional(integer(1)),
+    distill_loss=choice("l2", "cosine"),
+    distill_weight=number(0, 1),
     comm_backend=choice("auto", "horovod", "torch", "single"),
     device=choice("auto", "cpu", "cuda"),
     collective_timeout=optional(number(0, lo_open=True)),

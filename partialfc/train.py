@@ -23,8 +23,11 @@ from .backbones import build_backbone
 from .comm import get_comm, launcher_rank
 from .config import ConfigError, load_config
 from .engine import Checkpointer, default_hooks
+from .engine.checkpointer import load, save_atomic, step_dir
+from .engine.init_weights import load_backbone_weights, load_center_shard
 from .engine.run_folder import RunFolderError, claim_output
 from .head import PartialFC, center_optimizer, margin_from_config
+from .head.distill import DistillLoss, ProjectedStudent
 
 BAD_STEP_ADVICE = ("likely fixes: lower lr or raise warmup_epoch; keep clip_grad_norm on; use "
                    "amp_dtype='bfloat16' where the hardware has it; check the data for corrupt images or "
@@ -63,12 +66,13 @@ def lr_schedulers(config, optimizers, max_steps, steps_per_epoch):
 
 
 def backbone_optimizer(config, backbone, comm):
-    """SGD or AdamW over the backbone's parameters, its state sharded over ranks with ``zero_optimizer``."""
+    """SGD or AdamW over the backbone's parameters (with a distillation projection, the module holding both),
+    at ``lr * backbone_lr_mult``, its state sharded over ranks with ``zero_optimizer``."""
+    lr = config.lr * config.get("backbone_lr_mult", 1.0)
     if config.optimizer == "sgd":
-        cls, kwargs = torch.optim.SGD, dict(lr=config.lr, momentum=config.momentum,
-                                            weight_decay=config.weight_decay)
+        cls, kwargs = torch.optim.SGD, dict(lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
-        cls, kwargs = torch.optim.AdamW, dict(lr=config.lr, weight_decay=config.weight_decay)
+        cls, kwargs = torch.optim.AdamW, dict(lr=lr, weight_decay=config.weight_decay)
     if config.zero_optimizer:
         return comm.zero_redundancy_optimizer(backbone.parameters(), cls, **kwargs)
     return cls(backbone.parameters(), **kwargs)
@@ -142,9 +146,69 @@ def train_loader(config, comm):
     return build_train_loader(config, comm)
 
 
+def build_teacher(config, device, log):
+    """The distillation teacher of ``config`` (eval mode, no gradients, on ``device``), or None when
+    ``distill_weight`` is 0. Cross-key mistakes are a :class:`ConfigError` naming the keys."""
+    from .backbones import available_backbones, get_model
+    weight, network = config.get("distill_weight", 0.0), config.get("teacher_network")
+    if not weight:
+        if network:
+            log(f"teacher_network={network!r} is set but distill_weight=0: no distillation")
+        return None
+    if not network or not config.get("teacher_weights"):
+        raise ConfigError(f"distill_weight={weight} needs teacher_network and teacher_weights (got "
+                          f"teacher_network={network!r}, teacher_weights={config.get('teacher_weights')!r})")
+    if network not in available_backbones():
+        raise ConfigError(f"config key 'teacher_network' = {network!r}: expected a registered backbone "
+                          f"({', '.join(available_backbones())})")
+    if weight == 1.0 and config.get("freeze_backbone_steps", 0):
+        raise ConfigError(f"freeze_backbone_steps={config.freeze_backbone_steps} with distill_weight=1 trains "
+                          f"nothing in those steps (the head is off at weight 1); set one of them to 0")
+    size = config.get("teacher_embedding_size") or config.embedding_size
+    teacher = get_model(network, num_features=size, dropout=0.0, fp16=config.fp16)
+    path = load_backbone_weights(teacher, config.teacher_weights, network, size, what="teacher_weights")
+    return teacher.to(device).eval(), path
+
+
+class DistillCheckpointer(Checkpointer):
+    """The Checkpointer, plus the distillation projection: rank 0 writes its weights to
+    ``checkpoints/step_<N>/projection.pt`` before the checkpoint is sealed, and resume restores them. Its
+    optimizer state is in the backbone optimizer's, which ``trainer.pt`` holds; ``model.pt`` stays the plain
+    backbone."""
+
+    FILE = "projection.pt"
+
+    def __init__(self, *args, projection, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projection = projection
+
+    def save(self, step, epoch, batch_in_epoch):
+        if self.comm.rank == 0:
+            folder = step_dir(self.output, step)
+            os.makedirs(folder, exist_ok=True)
+            save_atomic(self.projection.state_dict(), os.path.join(folder, self.FILE))
+        super().save(step, epoch, batch_in_epoch)
+
+    def resume(self):
+        progress = super().resume()
+        if progress is not None:
+            path = os.path.join(step_dir(self.output, progress["step"]), self.FILE)
+            if not os.path.isfile(path):
+                raise RuntimeError(f"cannot resume: {path} is missing, the checkpoint holds no distillation "
+                                   f"projection (was it written with another teacher_embedding_size?)")
+            self.projection.load_state_dict(load(path))
+        return progress
+
+
 class Trainer:
     """Builds the run from a config, then trains: ``train_step`` is one optimizer step, ``train`` the loop.
     Hooks (``partialfc.engine.hooks``) log, schedule, checkpoint and evaluate between steps."""
+
+    # Fine-tuning and distillation; these defaults are today's plain training.
+    distill = None               # DistillLoss when distill_weight > 0
+    distill_weight = 0.0
+    projection = None            # student -> teacher embedding size, when they differ
+    freeze_backbone_steps = 0
 
     def __init__(self, config):
         self.config = config
@@ -178,12 +242,18 @@ class Trainer:
 
         # Model: a data-parallel backbone and this rank's shard of the class centers.
         self.backbone = build_backbone(config).to(device)
-        comm.broadcast_module(self.backbone)  # every rank starts from rank 0's backbone
         self.pfc = PartialFC(config.embedding_size, num_classes, config.sample_rate, margin_from_config(config),
                              comm=comm, interclass_filtering_threshold=config.interclass_filtering_threshold,
                              seed=config.seed, use_ext=config.use_ext).to(device)
+        self._init_weights(config, num_classes)
+        self._build_distillation(config)
+        # The module the data-parallel wrapper and the backbone optimizer see: the backbone, with the
+        # distillation projection when there is one (its gradients are summed over ranks like the backbone's).
+        self.student = ProjectedStudent(self.backbone, self.projection) if self.projection is not None \
+            else self.backbone
+        comm.broadcast_module(self.student)  # every rank starts from rank 0's backbone
         self.model, self.optimizer = comm.data_parallel(
-            self.backbone, backbone_optimizer(config, self.backbone, comm), config.gradient_acc)
+            self.student, backbone_optimizer(config, self.student, comm), config.gradient_acc)
         # The centers take the backbone's optimizer kind, lr and weight decay, as in arcface_torch.
         self.pfc_optimizer = center_optimizer(self.pfc, config.optimizer, config.lr, config.momentum,
                                               config.weight_decay)
@@ -195,16 +265,26 @@ class Trainer:
                                         steps_per_epoch)
         self.step, self.epoch, self.batch_in_epoch, self.last_loss, self.bad_steps = 0, 0, 0, float("nan"), 0
 
-        self.checkpointer = Checkpointer(
+        checkpointer_cls, extra = Checkpointer, {}
+        if self.projection is not None:
+            checkpointer_cls, extra = DistillCheckpointer, dict(projection=self.projection)
+        self.checkpointer = checkpointer_cls(
             self.output, comm, config, backbone=self.backbone, optimizer=self.optimizer,
             schedulers=self.schedulers, scaler=self.scaler, pfc=self.pfc, pfc_optimizer=self.pfc_optimizer,
-            device=device, log=self.log, run=self.run)
+            device=device, log=self.log, run=self.run, **extra)
         progress = self.checkpointer.resume() if config.resume else None
+        initialized = [k for k in ("init_backbone", "init_centers") if config.get(k)]
         if progress is not None:
-            self.step, self.epoch, self.batch_in_epoch = (progress["step"], progress["epoch"],
-                                                          progress["batch_in_epoch"])
-        elif self.run is not None:
-            self.run.start_fresh()
+            # The epoch continues at the checkpoint's sample count (the checkpointer keeps it, see batches).
+            self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], 0
+            if initialized:
+                self.log(f"resume wins over {' and '.join(initialized)}: the weights are the checkpoint's")
+        else:
+            if initialized:
+                self.log(f"training starts from {' and '.join(initialized)}"
+                         + (" (resume=True found no checkpoint)" if config.resume else ""))
+            if self.run is not None:
+                self.run.start_fresh()
         if self.run is not None:
             self.log(f"run {self.run.run_id} in {self.output}")
         self.log(f"world size {comm.size} ({comm.backend}), device {device}, {num_classes} classes, "
@@ -212,6 +292,44 @@ class Trainer:
                  f"micro-batches, {self.max_steps} steps, amp {self.amp_dtype}\nhead: {self.pfc.extra_repr()}")
         self.hooks = []
         self.register_hooks(default_hooks(config, self.schedulers, self.checkpointer))
+
+    def _init_weights(self, config, num_classes):
+        """``init_backbone`` and ``init_centers``: weights to start from (checked against this run's network,
+        embedding size and class count); the schedule, the step and the optimizer state start fresh."""
+        if config.get("init_backbone"):
+            path = load_backbone_weights(self.backbone, config.init_backbone, config.network, config.embedding_size)
+            self.log(f"init_backbone: {config.network} weights from {path}")
+        if config.get("init_centers"):
+            shard = load_center_shard(config.init_centers, num_classes, config.embedding_size, self.comm.rank,
+                                      self.comm.size)
+            with torch.no_grad():
+                self.pfc.weight.copy_(shard)
+            self.log(f"init_centers: {num_classes} class centers from {config.init_centers}, split over "
+                     f"{self.comm.size} rank(s)")
+        self.freeze_backbone_steps = int(config.get("freeze_backbone_steps") or 0)
+        if self.freeze_backbone_steps:
+            self.log(f"freeze_backbone_steps: the first {self.freeze_backbone_steps} steps train only the head")
+
+    def _build_distillation(self, config):
+        """The teacher, the distillation loss and, when the embedding sizes differ, the projection."""
+        built = build_teacher(config, self.device, self.log)
+        if built is None:
+            return
+        teacher, path = built
+        self.distill_weight = float(config.distill_weight)
+        self.distill = DistillLoss(teacher, config.distill_loss, self.comm.size)
+        size = config.get("teacher_embedding_size") or config.embedding_size
+        if size != config.embedding_size:
+            self.projection = torch.nn.Linear(config.embedding_size, size, bias=False).to(self.device)
+        params = sum(p.numel() for p in teacher.parameters())
+        mem = sum(t.numel() * t.element_size() for t in (*teacher.parameters(), *teacher.buffers())) / 2**20
+        self.log(f"teacher {config.teacher_network} from {path}: {params / 1e6:.2f}M parameters ({mem:.0f} MB), "
+                 f"embedding size {size}; distill_loss {config.distill_loss!r}, loss = {1 - self.distill_weight:g} "
+                 f"* margin + {self.distill_weight:g} * distill"
+                 + (f"; projection {config.embedding_size} -> {size}" if self.projection is not None else "")
+                 + ("; the head is off (distill_weight=1)" if self.distill_weight == 1.0 else "")
+                 + (f"; {torch.cuda.memory_allocated(self.device) / 2**20:.0f} MB allocated with the teacher"
+                    if self.device.type == "cuda" else ""))
 
     def close(self):
         """End of training, normal or not: the hooks' ``close`` (the watchdog stops), and the output folder is
@@ -239,48 +357,83 @@ class Trainer:
     # The step
 
     def batches(self):
-        """Endless ``(images, labels)`` on the device, epoch after epoch, from the resumed position."""
+        """Endless ``(images, labels)`` on the device, epoch after epoch, from the resumed position: an epoch
+        resumed inside starts at its checkpoint's sample count, and the images before it are not read."""
         while True:
-            self.loader.set_epoch(self.epoch)
-            for i, (images, labels) in enumerate(self.loader):
-                if i < self.batch_in_epoch:  # resuming inside an epoch: its order is a function of the epoch
-                    continue
-                self.batch_in_epoch = i + 1
+            self.loader.set_epoch(self.epoch, self.checkpointer.sample_in_epoch(self.epoch, self.batch_in_epoch))
+            for images, labels in self.loader:
+                self.batch_in_epoch += 1  # global batches of this run in the epoch
                 yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def train_step(self, micro_batches):
-        """One optimizer step over ``gradient_acc`` micro-batches; returns the loss (of the whole batch)."""
+        """One optimizer step over ``gradient_acc`` micro-batches; returns the loss (of the whole batch).
+
+        With distillation the loss is ``(1 - w) * margin + w * distill`` (``w = distill_weight``); at ``w = 1``
+        the head is neither run nor updated. During the first ``freeze_backbone_steps`` steps the backbone
+        runs in eval mode without gradients: only the head learns, and the backbone's weights and BatchNorm
+        statistics stay as they were."""
         comm, scaler = self.comm, self.scaler
         amp = dict(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
                    enabled=self.amp_dtype is not None)
         acc = len(micro_batches)
+        frozen = self.step < self.freeze_backbone_steps
+        weight = self.distill_weight if self.distill is not None else 0.0
+        run_head = weight < 1.0
         # BatchNorm statistics move in the forward: a skipped step puts them back (see _skip_step).
         buffers_before = [b.detach().clone() for b in self.backbone.buffers()]
 
         # Forward and backward, micro-batch by micro-batch. The head samples once for all of them, so their
         # gradients add up to the big batch's; the backbone gradients are summed over ranks in the last
         # backward only, the earlier ones just accumulate.
-        self.pfc.hold_sample([labels for _, labels in micro_batches] if acc > 1 else None)
-        total = 0.0
-        for i, (images, labels) in enumerate(micro_batches):
-            with comm.no_sync(self.model) if i < acc - 1 else contextlib.nullcontext():
-                with torch.autocast(**amp):
-                    embeddings = self.model(images)                 # [b, D]
-                    loss = self.pfc(embeddings, labels) / acc       # global-batch mean, same on every rank
-                (scaler.scale(loss) if scaler else loss).backward()
-            total += loss.item()
-        comm.wait_for_gradients(self.optimizer)  # the summed gradients are read from here on
+        if run_head:
+            self.pfc.hold_sample([labels for _, labels in micro_batches] if acc > 1 else None)
+        margin_total, distill_local = 0.0, 0.0
+        if frozen:
+            self.model.eval()
+        try:
+            for i, (images, labels) in enumerate(micro_batches):
+                with comm.no_sync(self.model) if i < acc - 1 and not frozen else contextlib.nullcontext():
+                    with torch.autocast(**amp):
+                        with torch.no_grad() if frozen else contextlib.nullcontext():
+                            out = self.model(images)                        # [b, D] (and [b, D_teacher])
+                        embeddings, projected = out if self.projection is not None else (out, out)
+                        loss = 0.0
+                        if run_head:
+                            margin = self.pfc(embeddings, labels) / acc     # global-batch mean, same on every rank
+                            margin_total += margin.item()
+                            loss = margin * (1.0 - weight) if weight else margin
+                        if weight:
+                            # This rank's share of the global-batch mean; the summed gradients make it whole.
+                            with torch.no_grad() if frozen else contextlib.nullcontext():
+                                distill = self.distill.local_loss(images, projected) / acc
+                            distill_local += distill.item()
+                            loss = loss + weight * distill
+                    if torch.is_tensor(loss) and loss.requires_grad:
+                        (scaler.scale(loss) if scaler else loss).backward()
+        finally:
+            if frozen:
+                self.model.train()
+        total = (1.0 - weight) * margin_total if run_head else 0.0
+        if weight:
+            distill_all = comm.allreduce(torch.tensor([distill_local], dtype=torch.float64, device=self.device))
+            total += weight * float(distill_all.item())
+        if not frozen:
+            comm.wait_for_gradients(self.optimizer)  # the summed gradients are read from here on
 
         # Unscale and clip; non-finite gradients anywhere (fp16 overflow, a bad batch) skip the step on every
         # rank together.
         scale = 1.0
         if scaler is not None:
             scale = scaler.get_scale()
-            scaler.unscale_(self.optimizer)
-        max_norm = self.config.clip_grad_norm or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), max_norm)
-        bad = not (math.isfinite(float(norm)) and math.isfinite(total) and self.pfc.center_grad.is_finite())
+            if not frozen:
+                scaler.unscale_(self.optimizer)
+        norm = 0.0
+        if not frozen:
+            max_norm = self.config.clip_grad_norm or math.inf
+            norm = torch.nn.utils.clip_grad_norm_(self.student_parameters(), max_norm)
+        bad = not (math.isfinite(float(norm)) and math.isfinite(total)
+                   and (not run_head or self.pfc.center_grad.is_finite()))
         bad = bool(comm.allreduce(torch.tensor([float(bad)]), "max").item())  # one rank's bad step is everyone's
 
         # Step (or skip), then zero.
@@ -288,14 +441,22 @@ class Trainer:
             self._skip_step(total, buffers_before)
         else:
             self.bad_steps = 0
-            comm.step_after_wait(self.optimizer)
-            self.pfc_optimizer.step(grad_scale=scale)  # only the sampled rows of this rank's centers
-            if scaler is not None:
+            if not frozen:
+                comm.step_after_wait(self.optimizer)
+            if run_head:
+                self.pfc_optimizer.step(grad_scale=scale)  # only the sampled rows of this rank's centers
+            if scaler is not None and not frozen:  # a frozen step unscaled nothing: the scale stays
                 scaler.update()
         self.optimizer.zero_grad()
-        self.pfc_optimizer.zero_grad()
-        self.pfc.hold_sample(None)
+        if run_head:
+            self.pfc_optimizer.zero_grad()
+            self.pfc.hold_sample(None)
         return total
+
+    def student_parameters(self):
+        """The parameters the backbone optimizer trains: the backbone's, and the projection's when there is one."""
+        student = getattr(self, "student", None) or self.backbone
+        return student.parameters()
 
     def _skip_step(self, loss, buffers_before):
         """Leave the step as if it never ran: no optimizer steps, the backbone's buffers restored."""

@@ -1,0 +1,262 @@
+"""Start a run from existing weights without taking over its schedule: fine-tuning and teachers.
+
+``init_backbone`` names a backbone file in any layout :func:`partialfc.eval.model_io.extract_backbone_state_dict`
+reads (our ``model.pt``, arcface_torch's ``backbone.pth`` or ``checkpoint_gpu_<r>.pt``, our checkpoint
+folders' ``trainer.pt``), or a folder holding ``model.pt`` (a finished run) or ``trainer.pt`` (a checkpoint).
+
+``init_centers`` names class-center shards written by any world size; they are merged in class order and
+re-split for this run with ``partition_classes``:
+
+- our run's output folder, or one of its ``softmax_fc_rank_<r>.pt`` files (keys ``weight``, ``class_start``,
+  ``num_classes``, ``world_size``);
+- our checkpoint folder ``checkpoints/step_<N>``, or one of its ``rank_<r>.pt`` files (``weight``,
+  ``class_start``, ``num_local``; the world size is the number of rank files);
+- arcface_torch's per-rank ``softmax_fc_gpu_<r>.pt`` (a state dict whose ``weight`` is that rank's
+  ``[num_local, D]`` rows) or ``checkpoint_gpu_<r>.pt`` (the same under ``state_dict_softmax_fc``). These carry
+  no class range: rank r holds the r-th contiguous range of arcface_torch's split, which is ours
+  (``partition_classes``), so the ranges follow from the shards' row counts in rank order.
+
+Only the weights are taken: optimizer state (momentum, AdamW moments) starts fresh, and so do the step, the
+schedule and the data position. Every mismatch (network, embedding size, class count, a missing rank file, a
+gap or an overlap between class ranges) is an :class:`InitWeightsError` naming the file and both values.
+"""
+import os
+import re
+
+import torch
+
+from ..eval.model_io import CheckpointError, load_backbone_state_dict
+from ..head.partial_fc import partition_classes
+
+__all__ = ["InitWeightsError", "load_backbone_weights", "load_center_shard", "read_center_shards",
+           "resolve_backbone_file"]
+
+
+class InitWeightsError(CheckpointError):
+    """Weights that do not fit this run; the message names the file and both values."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# backbone
+
+
+def resolve_backbone_file(path):
+    """The backbone file ``path`` names: itself, or a folder's ``model.pt`` (a finished run) or ``trainer.pt``
+    (one of our checkpoint folders)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    for name in ("model.pt", "trainer.pt"):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise InitWeightsError(f"{path} is a folder holding neither model.pt (a finished run) nor trainer.pt "
+                           f"(a checkpoint folder); name the backbone file itself")
+
+
+def _embedding_size_of(state, own):
+    """The embedding size ``state`` was saved with: the length of the last 1-D tensor (the embedding BatchNorm
+    of every registered backbone), by the model's names when ``state`` has them, else in the file's order."""
+    last = next((k for k in reversed(list(own)) if own[k].dim() == 1), None)
+    if last is None or last not in state or state[last].dim() != 1:
+        last = next((k for k in reversed(list(state)) if state[k].dim() == 1), None)
+    return None if last is None else int(state[last].shape[0])
+
+
+def _fits(model_state, state):
+    return (set(model_state) == set(state)
+            and all(tuple(model_state[k].shape) == tuple(state[k].shape) for k in model_state))
+
+
+def _networks_that_fit(state, embedding_size):
+    """Registered networks whose state dict has exactly ``state``'s keys and shapes (built on the meta
+    device: no memory, no time)."""
+    from ..backbones import available_backbones, get_model
+    found = []
+    for name in available_backbones():
+        try:
+            with torch.device("meta"):
+                candidate = get_model(name, num_features=embedding_size, dropout=0.0, fp16=False).state_dict()
+        except Exception:  # a network that cannot be built at this size is not the one
+            continue
+        if _fits(candidate, state):
+            found.append(name)
+    return found
+
+
+def check_backbone_state(model, state, path, network, embedding_size, what="init_backbone"):
+    """Raise :class:`InitWeightsError` when ``state`` (read from ``path``) is not a state dict of ``network``
+    with ``embedding_size`` features (``model`` is that network), naming the file and both values."""
+    own = model.state_dict()
+    if _fits(own, state):
+        return
+    saved_size = _embedding_size_of(state, own)
+    if saved_size is not None and saved_size != embedding_size:
+        fit = _networks_that_fit(state, saved_size)
+        if not fit or network in fit:
+            raise InitWeightsError(f"{what} {path}: embedding size {saved_size} in the file, {embedding_size} in "
+                                   f"this run (embedding_size={embedding_size})")
+    fit = _networks_that_fit(state, saved_size or embedding_size)
+    if fit:
+        size = f" with embedding size {saved_size}" if saved_size is not None else ""
+        raise InitWeightsError(f"{what} {path}: the file holds a {' / '.join(map(repr, fit))} backbone{size}; "
+                               f"this run's network is {network!r} with embedding size {embedding_size}")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the network's tensors missing from the file (e.g. {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors the network does not have (e.g. {unexpected[0]!r})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {k!r}: {list(state[k].shape)} in the file, "
+                     f"{list(own[k].shape)} in the network)")
+    raise InitWeightsError(f"{what} {path}: not a state dict of network {network!r} with embedding size "
+                           f"{embedding_size}: {'; '.join(parts)}")
+
+
+def load_backbone_weights(model, path, network, embedding_size, what="init_backbone"):
+    """Load the backbone weights ``path`` names (see :func:`resolve_backbone_file`) into ``model`` (a
+    ``network`` with ``embedding_size`` features), after :func:`check_backbone_state`. Returns the file read."""
+    path = resolve_backbone_file(path)
+    try:
+        state = load_backbone_state_dict(path)
+    except FileNotFoundError:
+        raise InitWeightsError(f"{what} {path} does not exist") from None
+    check_backbone_state(model, state, path, network, embedding_size, what)
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------
+# class centers
+
+# File names of per-rank center files, in the order a folder is searched, and whether the files carry their
+# class range (ours) or it follows from the row counts (arcface_torch's).
+_SHARD_LAYOUTS = (("softmax_fc_rank_{}.pt", True), ("rank_{}.pt", True), ("softmax_fc_gpu_{}.pt", False),
+                  ("checkpoint_gpu_{}.pt", False))
+
+
+def _pattern(template):
+    return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
+
+
+def _shard_files(path):
+    """``(folder, file name template, carries_ranges, {rank: file})`` of the shard set ``path`` names (a folder or one
+    of its files)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        folder, names = path, sorted(os.listdir(path))
+        layouts = _SHARD_LAYOUTS
+    elif os.path.isfile(path):
+        folder, names = os.path.dirname(os.path.abspath(path)), sorted(os.listdir(os.path.dirname(os.path.abspath(path))))
+        base = os.path.basename(path)
+        layouts = [next(((t, r) for t, r in _SHARD_LAYOUTS if _pattern(t).fullmatch(base)), (None, None))]
+        if layouts[0][0] is None:
+            raise InitWeightsError(f"init_centers {path}: not a class-center file (expected softmax_fc_rank_<r>.pt, "
+                                   f"rank_<r>.pt, softmax_fc_gpu_<r>.pt or checkpoint_gpu_<r>.pt)")
+    else:
+        raise InitWeightsError(f"init_centers {path} does not exist")
+    for template, ranges in layouts:
+        files = {int(m.group(1)): os.path.join(folder, n) for n in names for m in [_pattern(template).fullmatch(n)]
+                 if m}
+        if files:
+            return folder, template, ranges, files
+    raise InitWeightsError(f"init_centers {path}: no class-center files in the folder (softmax_fc_rank_<r>.pt, "
+                           f"rank_<r>.pt, softmax_fc_gpu_<r>.pt or checkpoint_gpu_<r>.pt)")
+
+
+def _load_shard(path):
+    try:
+        # mmap: a rank copies only the rows it keeps out of shards that may be gigabytes.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a file that is not a torch.save zip cannot be mapped; read it whole
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise InitWeightsError(f"init_centers {path}: cannot load ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict_softmax_fc"), dict):
+        obj = obj["state_dict_softmax_fc"]
+    weight = obj.get("weight") if isinstance(obj, dict) else None
+    if not torch.is_tensor(weight) or weight.dim() != 2:
+        raise InitWeightsError(f"init_centers {path}: expected a 'weight' tensor [classes, embedding_size] "
+                               f"(or one under 'state_dict_softmax_fc'), found "
+                               f"{list(weight.shape) if torch.is_tensor(weight) else type(weight).__name__}")
+    return obj, weight
+
+
+def read_center_shards(path):
+    """Every shard of the set ``path`` names, checked: ``[(class_start, weight [n, D], file)]`` in class
+    order, with ``(num_classes, embedding_size)``. A missing rank file, a gap or an overlap between class
+    ranges, a class count that disagrees with the files, or shards of different widths raise
+    :class:`InitWeightsError` naming the file and both values."""
+    folder, template, carries_ranges, files = _shard_files(path)
+    loaded = {rank: _load_shard(f) for rank, f in sorted(files.items())}
+    declared = {r: obj.get("world_size") for r, (obj, _) in loaded.items() if obj.get("world_size") is not None}
+    world_size = max([max(files) + 1] + [int(w) for w in declared.values()])
+    for rank in range(world_size):
+        if rank not in files:
+            why = (f"{files[next(iter(declared))]} says world_size {declared[next(iter(declared))]}"
+                   if declared else f"rank files up to {max(files)} are present")
+            raise InitWeightsError(f"init_centers {folder}: the file of rank {rank} of {world_size}, "
+                                   f"{os.path.join(folder, template.format(rank))}, is missing ({why}, {len(files)} found)")
+    for rank, w in declared.items():
+        if int(w) != world_size:
+            raise InitWeightsError(f"init_centers {files[rank]}: world_size {w} in the file, {world_size} rank "
+                                   f"files in {folder}")
+    dims = {r: int(weight.shape[1]) for r, (_, weight) in loaded.items()}
+    if len(set(dims.values())) > 1:
+        r = next(r for r in dims if dims[r] != dims[0])
+        raise InitWeightsError(f"init_centers {files[r]}: embedding size {dims[r]}, but {dims[0]} in {files[0]}")
+    shards = []
+    if carries_ranges:
+        for rank, (obj, weight) in loaded.items():
+            if obj.get("class_start") is None:
+                raise InitWeightsError(f"init_centers {files[rank]}: no 'class_start' in the file")
+            shards.append((int(obj["class_start"]), weight, files[rank]))
+        shards.sort(key=lambda s: s[0])
+    else:  # arcface_torch's shards: contiguous ranges in rank order, as partition_classes splits them
+        start = 0
+        for rank, (_, weight) in loaded.items():
+            shards.append((start, weight, files[rank]))
+            start += int(weight.shape[0])
+    expected = 0
+    for start, weight, file in shards:
+        if start > expected:
+            raise InitWeightsError(f"init_centers {file}: starts at class {start}, but the shards before it end "
+                                   f"at class {expected}: classes {expected}..{start - 1} are in no file (a gap)")
+        if start < expected:
+            raise InitWeightsError(f"init_centers {file}: starts at class {start}, but the shards before it "
+                                   f"already hold classes up to {expected - 1} (an overlap)")
+        expected = start + int(weight.shape[0])
+    total = expected
+    for rank, (obj, _) in loaded.items():
+        if obj.get("num_classes") is not None and int(obj["num_classes"]) != total:
+            raise InitWeightsError(f"init_centers {files[rank]}: num_classes {int(obj['num_classes'])} in the file, "
+                                   f"but its shard set holds {total} classes")
+    return shards, total, dims[0]
+
+
+def load_center_shard(path, num_classes, embedding_size, rank, world_size):
+    """This rank's ``[num_local, D]`` float32 centers out of the shard set ``path`` names, re-split from the
+    files' world size to ``world_size`` with ``partition_classes``; the class count and the embedding size
+    must be this run's."""
+    shards, total, dim = read_center_shards(path)
+    where = os.fspath(path)
+    if total != num_classes:
+        raise InitWeightsError(f"init_centers {where}: {total} classes in the files, {num_classes} in this run "
+                               f"(num_classes or the data)")
+    if dim != embedding_size:
+        raise InitWeightsError(f"init_centers {where}: embedding size {dim} in the files, {embedding_size} in "
+                               f"this run (embedding_size)")
+    class_start, num_local = partition_classes(num_classes, rank, world_size)
+    end = class_start + num_local
+    parts = []
+    for start, weight, _ in shards:
+        lo, hi = max(start, class_start), min(start + weight.shape[0], end)
+        if lo < hi:
+            parts.append(weight[lo - start:hi - start].to(torch.float32))
+    return torch.cat(parts) if parts else torch.empty(0, embedding_size)

@@ -218,18 +218,25 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path):
         assert rest[step] == pytest.approx(full[step], abs=1e-6), (step, rest, full)
 
 
-def test_resume_with_another_world_size_is_refused(tmp_path):
+def test_resume_with_another_world_size_re_splits_the_centers(tmp_path):
+    from partialfc.engine import reshard
     cfg = _tiny_config(tmp_path, save_every=2, max_steps=2)
     _train(cfg)
     folder = checkpoint.latest_complete(cfg.output)
-    state = checkpoint.load(os.path.join(folder, "trainer.pt"))
-    state["world_size"] = 4
-    checkpoint.save_atomic(state, os.path.join(folder, "trainer.pt"))
-    manifest = os.path.join(folder, checkpoint.MANIFEST)
-    os.remove(manifest)
-    checkpoint.write_manifest(folder, 1, 2)
-    with pytest.raises(RuntimeError, match="written by 4 ranks; this run has 1"):
-        Trainer(Config(cfg, resume=True))
+    shard = checkpoint.load(os.path.join(folder, "rank_0.pt"))
+    merged = reshard.merge(folder)
+    # The same checkpoint as 4 ranks write it: 16 classes in shards of 4.
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    reshard.split(merged, 4, cfg.output, log=lambda message: None)
+    assert checkpoint.load(os.path.join(folder, "trainer.pt"))["world_size"] == 4
+    resumed = Trainer(Config(cfg, resume=True))
+    resumed.close()
+    assert resumed.step == 2
+    assert torch.equal(resumed.pfc.weight.detach(), shard["weight"])
+    assert torch.equal(resumed.pfc_optimizer.momentum_buffer(), shard["pfc_optimizer"]["state"][0]["momentum_buffer"])
+    with open(os.path.join(cfg.output, "training.log")) as f:
+        assert "re-split 16 classes from 4 ranks to 1: rank 0 [0, 16) <- rank_0.pt[0:4] + rank_1.pt[0:4]" in f.read()
 
 
 KILL_SCRIPT = r"""

@@ -7,9 +7,11 @@
   sequential reader when ``config.shuffled_rec`` is True;
 * any other folder: an image folder, one sub-folder per identity.
 
-Every epoch the images are split into ``comm.size`` disjoint parts of equal length, each a whole number of
-``config.batch_size`` batches (the remainder, fewer than ``size * batch_size`` images, sits out that epoch
-and differs from epoch to epoch). ``set_epoch(e)`` reorders deterministically from ``(config.seed, e)``.
+Every epoch's permutation (deterministic in ``(config.seed, epoch)``) is cut into global batches of
+``size * batch_size`` images, in order, and rank r takes its slice ``[r * b, (r + 1) * b)`` of each (the
+remainder, fewer than a global batch, sits out that epoch and differs from epoch to epoch). So a global
+batch is the same images whatever the split into ranks (2 x 12 or 3 x 8), and a position in an epoch is a
+sample count: ``set_epoch(e, start_sample=n)`` starts epoch e after its first n images without reading them.
 
 ``config`` is a complete training config (``partialfc.config``: every key present, its defaults filled in);
 the keys read are ``rec``, ``shuffled_rec``, ``num_classes``, ``num_image``, ``batch_size``, ``num_workers``,
@@ -31,30 +33,44 @@ __all__ = ["build_train_loader", "val_bin_path", "TrainLoader", "ShardedSampler"
 class ShardedSampler(Sampler):
     """Indices of this rank's share of a random permutation of ``num_samples`` (same on every rank).
 
-    The permutation comes from ``(seed, epoch)``; the first ``size * per_rank`` entries are cut into
-    ``size`` contiguous parts, ``per_rank`` being the largest multiple of ``batch_size`` that fits.
+    The permutation comes from ``(seed, epoch)``. From ``start_sample`` on it is cut into global batches of
+    ``size * batch_size`` entries and this rank takes its ``batch_size`` slice of each, in order; the tail
+    that does not fill a global batch sits out. ``start_sample`` need not be a multiple of the global batch
+    (a run resumed with another one): the batches then start there, so no image before it is seen again
+    and none after it is skipped, except the shorter tail.
     """
 
     def __init__(self, num_samples, rank, size, batch_size, seed=0):
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} is outside [0, {size})")
         self.num_samples, self.rank, self.size = int(num_samples), int(rank), int(size)
-        self.batch_size, self.seed, self.epoch = int(batch_size), int(seed), 0
-        self.per_rank = (self.num_samples // (self.batch_size * self.size)) * self.batch_size
-        if self.per_rank == 0:
+        self.batch_size, self.seed, self.epoch, self.start_sample = int(batch_size), int(seed), 0, 0
+        self.global_batch = self.batch_size * self.size
+        if self.num_samples < self.global_batch:
             raise DataError(f"the dataset holds {self.num_samples} images, fewer than one global batch "
                             f"({self.size} ranks x batch_size {self.batch_size})")
 
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch, start_sample=0):
+        """Epoch ``epoch``, from its sample ``start_sample`` (the images of the epoch already trained on)."""
+        start_sample = int(start_sample)
+        if not 0 <= start_sample <= self.num_samples:
+            raise ValueError(f"start_sample {start_sample} is outside [0, {self.num_samples}] (the epoch's images)")
+        self.epoch, self.start_sample = int(epoch), start_sample
+
+    @property
+    def num_batches(self):
+        """Global batches left in the epoch from ``start_sample``."""
+        return (self.num_samples - self.start_sample) // self.global_batch
 
     def __len__(self):
-        return self.per_rank
+        return self.num_batches * self.batch_size
 
     def __iter__(self):
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-        part = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        return iter(part.tolist())
+        first = self.start_sample + self.rank * self.batch_size  # this rank's first entry in each global batch
+        index = (first + self.global_batch * np.arange(self.num_batches)[:, None]
+                 + np.arange(self.batch_size)[None, :])
+        return iter(perm[index.reshape(-1)].tolist())
 
 
 def collate(samples):
@@ -81,25 +97,35 @@ class TrainLoader:
                   pin_memory=torch.cuda.is_available(), collate_fn=collate)
         if int(num_workers) > 0:
             kw["prefetch_factor"] = 4
+        self._skip = 0  # batches to read and drop at the start of the epoch (a dataset that shards itself)
         if sampler is not None:
             self._loader = DataLoader(dataset, sampler=sampler, **kw)
-            self._len = len(sampler) // self.batch_size
         else:
             self._loader = DataLoader(dataset, **kw)
-            self._len = dataset.num_batches
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_sample=0):
+        """Epoch ``epoch`` from its sample ``start_sample`` (counted over all ranks). With a sampler nothing
+        before it is read. A dataset that shards itself (the shuffled sequential reader) cannot seek: it
+        reads and drops this rank's first ``start_sample // (global batch)`` batches, the global batch being
+        its own ``world_size * batch_size``."""
         if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, start_sample)
+        else:
+            global_batch = self.batch_size * int(getattr(self.dataset, "world_size", 1))
+            self._skip = int(start_sample) // global_batch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
     def __len__(self):
-        return self._len
+        if self.sampler is not None:
+            return len(self.sampler) // self.batch_size
+        return max(0, self.dataset.num_batches - self._skip)
 
     def __iter__(self):
         # Workers are started per epoch (not persistent) so they see the current epoch's state.
-        for images, labels in self._loader:
+        for i, (images, labels) in enumerate(self._loader):
+            if i < self._skip:
+                continue
             yield images, labels.long()
 
 

@@ -5,8 +5,8 @@ Layout under ``OUTPUT/checkpoints/step_<N>/``:
 - ``rank_<r>.pt`` on every rank: its class-center shard, the center optimizer's state (SparseSGD's momentum
   or SparseAdamW's moments and per-row steps), the head's sampler state
   and the rank's RNG states;
-- ``trainer.pt`` on rank 0: backbone, backbone optimizer, LR schedulers, grad scaler, step, epoch and the
-  config;
+- ``trainer.pt`` on rank 0: backbone, backbone optimizer, LR schedulers, grad scaler, step, epoch, the data
+  position (``sample_in_epoch``: images of the epoch consumed, over all ranks), world size and the config;
 - ``MANIFEST.json``, written by rank 0 last, after every rank has finished its files: it lists them with
   their sizes. A step folder without a manifest, or whose files do not match it, is ignored. Sealing a
   folder drops the complete checkpoints older than the last two.
@@ -15,7 +15,8 @@ At the end of training, ``OUTPUT/model.pt`` (the backbone state_dict, arcface_to
 ``OUTPUT/config.json`` and one ``OUTPUT/softmax_fc_rank_<r>.pt`` class-center shard per rank.
 
 Every file is written to a temporary name and renamed, so a reader sees either the old file or the whole
-new one. ``torch.load(weights_only=True)`` reads everything back.
+new one. ``torch.load(weights_only=True)`` reads everything back. A checkpoint of W ranks resumes on any
+number of ranks: the centers and their optimizer state are re-split (``partialfc.engine.reshard``).
 """
 import hashlib
 import json
@@ -26,6 +27,8 @@ import shutil
 import torch
 
 from ..fileio import write_atomic
+from ..head.partial_fc import partition_classes
+from . import reshard
 from .run_folder import read_run
 
 MANIFEST = "MANIFEST.json"
@@ -91,14 +94,15 @@ def verify_file(folder, name):
 
 
 def latest_complete(output):
-    """The newest complete checkpoint folder under ``output``, or None."""
+    """The newest sealed checkpoint folder under ``output`` whose files all match their manifest's sizes and
+    checksums, or None. (Resume goes further: ``Checkpointer._newest_verified`` also loads the files.)"""
     root = os.path.join(output, "checkpoints")
     if not os.path.isdir(root):
         return None
     steps = sorted((int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m), reverse=True)
     for step in steps:
         folder = step_dir(output, step)
-        if _is_complete(folder):
+        if _is_complete(folder) and not any(verify_file(folder, name) for name in _manifest_files(folder)):
             return folder
     return None
 
@@ -153,6 +157,7 @@ class Checkpointer:
         self.run = run  # rank 0's claim on the output folder (partialfc.engine.run_folder); None elsewhere
         self.backbone, self.optimizer, self.schedulers, self.scaler = backbone, optimizer, schedulers, scaler
         self.pfc, self.pfc_optimizer = pfc, pfc_optimizer
+        self.resumed_at = None  # (epoch, sample_in_epoch) of the checkpoint this run resumed from
 
     @property
     def run_id(self):
@@ -165,96 +170,192 @@ class Checkpointer:
                     sampler=self.pfc.sampler.get_state(), torch_rng=torch.get_rng_state(),
                     cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
 
-    def save(self, step, epoch, batch_in_epoch):
-        """Every rank writes its shard; rank 0 the rest, and after a barrier the manifest that seals it."""
+    def _agree(self, error, folder, what):
+        """Every rank learns whether any rank's write failed: the failing rank re-raises its own error, the
+        others a RuntimeError naming the ranks, so no rank waits for a file that will never come."""
+        flags = self.comm.allgather(torch.tensor([0 if error is None else 1], dtype=torch.int64, device=self.device))
+        if error is not None:
+            raise error
+        failed = torch.nonzero(flags.cpu()).flatten().tolist()
+        if failed:
+            raise RuntimeError(f"checkpoint {folder} not sealed: rank(s) {failed} could not write {what} "
+                               f"(see their log)")
+
+    def save(self, step, epoch, batch_in_epoch, sample_in_epoch=None):
+        """Every rank writes its shard; rank 0 the rest, and after a barrier the manifest that seals it.
+
+        ``sample_in_epoch`` is the data position (images of the epoch consumed, over all ranks); by default
+        ``batch_in_epoch`` global batches after where this run resumed in that epoch."""
         comm = self.comm
+        if sample_in_epoch is None:
+            sample_in_epoch = self.sample_in_epoch(epoch, batch_in_epoch)
         folder = step_dir(self.output, step)
+        error = None
         if comm.rank == 0:
-            os.makedirs(folder, exist_ok=True)
-        comm.barrier()
+            try:
+                os.makedirs(folder, exist_ok=True)
+                # The same step saved again (after a fallback): an old manifest must not seal a mix of files.
+                if os.path.exists(os.path.join(folder, MANIFEST)):
+                    os.remove(os.path.join(folder, MANIFEST))
+            except OSError as exc:
+                error = exc
+        self._agree(error, folder, "the checkpoint folder")
         rank_state = self._rank_state()
         rank_file = os.path.join(folder, f"rank_{comm.rank}.pt")
-        save_atomic(rank_state, rank_file)
+        error = None
+        try:
+            save_atomic(rank_state, rank_file)
+            hexdigest = file_digest(rank_file)
+        except OSError as exc:
+            error = exc
+        self._agree(error, folder, "their file")
         # Each rank hashes its own shard; rank 0 gathers the digests into the manifest.
-        digest = torch.frombuffer(bytearray(bytes.fromhex(file_digest(rank_file))), dtype=torch.uint8)
+        digest = torch.frombuffer(bytearray(bytes.fromhex(hexdigest)), dtype=torch.uint8)
         digests = comm.allgather(digest).view(comm.size, -1)
         finite = _all_finite([rank_state["weight"], *_tensors(rank_state["pfc_optimizer"])])
         comm.consolidate_optimizer_state(self.optimizer, root=0)
+        error = None
         if comm.rank == 0:
             backbone = self.backbone.state_dict()
             finite = finite and _all_finite(backbone.values())
+            global_batch = comm.size * int(self.config.batch_size)
             state = dict(backbone=backbone, optimizer=self.optimizer.state_dict(),
                          schedulers=[s.state_dict() for s in self.schedulers],
                          scaler=self.scaler.state_dict() if self.scaler else None,
-                         step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=comm.size,
+                         step=step, epoch=epoch, batch_in_epoch=sample_in_epoch // global_batch,
+                         sample_in_epoch=sample_in_epoch, global_batch=global_batch, world_size=comm.size,
                          num_classes=self.pfc.num_classes, run_id=self.run_id,
                          config=json.dumps(self.config, default=str))
-            save_atomic(state, os.path.join(folder, "trainer.pt"))
-        comm.barrier()
+            try:
+                save_atomic(state, os.path.join(folder, "trainer.pt"))
+            except OSError as exc:
+                error = exc
+        self._agree(error, folder, "trainer.pt")
         # A checkpoint whose tensors are not finite is never sealed: resume would carry them on.
-        finite = not bool(comm.allreduce(torch.tensor([0.0 if finite else 1.0]), "max").item())
+        finite = not bool(comm.allreduce(torch.tensor([0.0 if finite else 1.0], device=self.device), "max").item())
+        error = None
         if comm.rank == 0:
             if finite:
-                write_manifest(folder, comm.size, step, run_id=self.run_id,
-                               digests={f"rank_{r}.pt": bytes(digests[r].tolist()).hex() for r in range(comm.size)})
-                self.log(f"checkpoint {folder}")
+                try:
+                    write_manifest(folder, comm.size, step, run_id=self.run_id,
+                                   digests={f"rank_{r}.pt": bytes(digests[r].tolist()).hex()
+                                            for r in range(comm.size)})
+                    self.log(f"checkpoint {folder}")
+                except OSError as exc:
+                    error = exc
             else:
                 self.log(f"checkpoint {folder} not sealed: the model or the class centers hold non-finite values")
-        comm.barrier()
+        self._agree(error, folder, "the manifest")
+
+    def sample_in_epoch(self, epoch, batch_in_epoch):
+        """Images of ``epoch`` consumed after ``batch_in_epoch`` batches of this run: a run resumed inside
+        that epoch started at its checkpoint's position."""
+        start = self.resumed_at[1] if self.resumed_at and self.resumed_at[0] == epoch else 0
+        return start + int(batch_in_epoch) * self.comm.size * int(self.config.batch_size)
 
     def resume(self):
-        """Restore the newest complete checkpoint; returns its ``dict(step, epoch, batch_in_epoch)``, or None
-        when there is none."""
+        """Restore the newest complete checkpoint, written by any number of ranks; returns its
+        ``dict(step, epoch, batch_in_epoch, sample_in_epoch)``, or None when there is none. ``sample_in_epoch``
+        is the data position (images of the epoch consumed, over all ranks); ``batch_in_epoch`` the global
+        batches of this run's size that it makes."""
         folder, trainer, mine = self._newest_verified()
         if folder is None:
             self.log(f"resume=True but no complete checkpoint under {self.output}/checkpoints; starting fresh")
             return None
-        if trainer["world_size"] != self.comm.size:
-            raise RuntimeError(f"checkpoint {folder} was written by {trainer['world_size']} ranks; this run has "
-                               f"{self.comm.size}: class-center shards would not line up")
         self._check_compatible(folder, trainer, mine)
         self.backbone.load_state_dict(trainer["backbone"])
-        self.optimizer.load_state_dict(trainer["optimizer"])
-        self.pfc_optimizer.load_state_dict(mine["pfc_optimizer"])  # momentum and the scheduled lr
+        if trainer.get("optimizer") is not None:
+            self.optimizer.load_state_dict(trainer["optimizer"])
+        else:
+            self.log(f"{folder} holds no backbone optimizer state (an imported run): it starts afresh")
+        if mine.get("pfc_optimizer") is not None:
+            self.pfc_optimizer.load_state_dict(mine["pfc_optimizer"])  # momentum and the scheduled lr
+        else:
+            self.log(f"{folder} holds no class-center optimizer state: it starts at zero")
         config_base_lrs = [list(s.base_lrs) for s in self.schedulers]
-        for scheduler, state in zip(self.schedulers, trainer["schedulers"]):
-            scheduler.load_state_dict(state)
-        self._obey_config_lr(config_base_lrs)
+        if trainer.get("schedulers") is not None:
+            for scheduler, state in zip(self.schedulers, trainer["schedulers"]):
+                scheduler.load_state_dict(state)
+            self._obey_config_lr(config_base_lrs)
+        else:
+            self._start_schedules_at(int(trainer["step"]))
         if self.scaler is not None and trainer["scaler"]:
             self.scaler.load_state_dict(trainer["scaler"])
         with torch.no_grad():
             self.pfc.weight.copy_(mine["weight"])
         self.pfc.sampler.set_state(mine["sampler"])
         torch.set_rng_state(mine["torch_rng"])
-        if mine["cuda_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        if self.device.type == "cuda":
+            if mine.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+            elif mine.get("cuda_seed") is not None:
+                torch.cuda.manual_seed(mine["cuda_seed"])
         if self.run is not None:
             self.run.adopt(trainer.get("run_id"), folder)
         self.log(f"resumed from {folder} at step {trainer['step']}"
                  + (f" (run {trainer['run_id']})" if trainer.get("run_id") else ""))
-        return dict(step=trainer["step"], epoch=trainer["epoch"], batch_in_epoch=trainer["batch_in_epoch"])
+        sample = self._saved_sample_in_epoch(trainer)
+        self.resumed_at = (int(trainer["epoch"]), sample)
+        global_batch = self.comm.size * int(self.config.batch_size)
+        return dict(step=trainer["step"], epoch=trainer["epoch"], batch_in_epoch=sample // global_batch,
+                    sample_in_epoch=sample)
+
+    @staticmethod
+    def _saved_sample_in_epoch(trainer):
+        """The checkpoint's data position; checkpoints of earlier versions saved batches of their global batch."""
+        if trainer.get("sample_in_epoch") is not None:
+            return int(trainer["sample_in_epoch"])
+        saved = _saved_config(trainer)
+        batch = saved.get("batch_size")
+        if batch is None:
+            raise RuntimeError("cannot resume: the checkpoint's data position is in batches and its config names "
+                               "no batch_size to count them in")
+        return int(trainer.get("batch_in_epoch") or 0) * int(trainer.get("world_size") or 1) * int(batch)
+
+    def _start_schedules_at(self, step):
+        """A checkpoint without scheduler state (an imported run): the schedules continue at ``step`` from the
+        config's base lr."""
+        for scheduler in self.schedulers:
+            scheduler.last_epoch = step
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                           scheduler.lr_lambdas):
+                group["initial_lr"] = base
+                group["lr"] = base * factor(step)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     def _check_compatible(self, folder, trainer, mine):
         """Resume refuses what the checkpoint cannot serve: another backbone, embedding size or class count
-        (the tensors would not fit), or another batch size (the data position counts batches)."""
-        try:
-            saved = json.loads(trainer.get("config") or "{}")
-        except ValueError:
-            saved = {}
+        (the tensors would not fit), or another global batch (the schedule and the data position count in
+        it). The per-rank batch_size may change with the number of ranks."""
+        saved = _saved_config(trainer)
         saved_classes = trainer.get("num_classes")
-        if saved_classes is None and self.comm.size == 1:  # checkpoints of earlier versions: the one shard
+        saved_size = int(trainer.get("world_size") or self.comm.size)
+        if saved_classes is None and saved_size == 1:  # checkpoints of earlier versions: the one shard
             saved_classes = int(mine["weight"].shape[0])
         checks = [("network", saved.get("network"), self.config.network),
                   ("optimizer", saved.get("optimizer"), self.config.optimizer),
                   ("embedding_size", saved.get("embedding_size"), self.config.embedding_size),
-                  ("num_classes", saved_classes, self.pfc.num_classes),
-                  ("batch_size", saved.get("batch_size"), self.config.batch_size)]
+                  ("num_classes", saved_classes, self.pfc.num_classes)]
         for key, then, now in checks:
             if then is not None and then != now:
                 what = "the class count" if key == "num_classes" else key
                 raise RuntimeError(
                     f"cannot resume from {folder}: {what} is {then!r} in the checkpoint and {now!r} in this run; "
                     f"resume with {key}={then!r}, or start a new run (another output=..., or overwrite=True)")
+        then = trainer.get("global_batch")
+        if then is None and saved.get("batch_size") is not None:
+            then = saved_size * int(saved["batch_size"])
+        size, batch = self.comm.size, int(self.config.batch_size)
+        if then is not None and int(then) != size * batch:
+            then = int(then)
+            fix = f"batch_size={then // size}" if then % size == 0 else f"a number of ranks that divides {then}"
+            if saved_size == size and then % size == 0:
+                problem = f"batch_size is {then // size!r} in the checkpoint and {batch!r} in this run"
+            else:
+                problem = (f"the global batch is {then} ({saved_size} ranks x batch_size {then / saved_size:g}) in "
+                           f"the checkpoint and {size * batch} ({size} ranks x batch_size {batch}) in this run")
+            raise RuntimeError(f"cannot resume from {folder}: {problem}; resume with {fix}, or start a new run "
+                               f"(another output=..., or overwrite=True)")
         if tuple(mine["weight"].shape) != tuple(self.pfc.weight.shape):
             raise RuntimeError(f"cannot resume from {folder}: rank {self.comm.rank}'s class-center shard is "
                                f"{tuple(mine['weight'].shape)} there and {tuple(self.pfc.weight.shape)} here")
@@ -262,7 +363,8 @@ class Checkpointer:
     def _newest_verified(self):
         """``(folder, trainer state, this rank's state)`` of the newest complete checkpoint whose files match
         their checksums and load, on every rank; a failing one is named in the log and the next older one
-        tried. ``(None, None, None)`` when there is none."""
+        tried. ``(None, None, None)`` when there is none. A checkpoint of another number of ranks gives this
+        rank's state re-split from all of its shards (see ``_resplit``)."""
         comm = self.comm
         root = os.path.join(self.output, "checkpoints")
         steps = sorted((int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m),
@@ -271,23 +373,29 @@ class Checkpointer:
         owner = owner["run_id"] if owner else None
         for step in steps:
             folder = step_dir(self.output, step)
-            if _manifest_files(folder) is None:
+            files = _manifest_files(folder)
+            if files is None:
                 continue  # never sealed: the run stopped while saving it
-            run_id = (_read_manifest(folder) or {}).get("run_id")
+            manifest = _read_manifest(folder) or {}
+            run_id = manifest.get("run_id")
             if owner and run_id and run_id != owner:
                 self.log(f"{folder} belongs to run {run_id}, not to this folder's run {owner}; skipped")
                 continue
-            # Rank 0 checks trainer.pt, every rank its own shard; the ranks agree on the outcome.
-            names = (["trainer.pt"] if comm.rank == 0 else []) + [f"rank_{comm.rank}.pt"]
-            problem = next(filter(None, (verify_file(folder, n) for n in names)), None)
+            saved_size = int(manifest.get("world_size") or sum(1 for n in files if n.startswith("rank_")))
             trainer = mine = None
-            if problem is None:
-                try:
-                    trainer = load(os.path.join(folder, "trainer.pt"))
-                    mine = load(os.path.join(folder, f"rank_{comm.rank}.pt"))
-                except Exception as exc:  # a damaged zip directory, an unreadable file
-                    problem = f"{folder}: cannot load ({type(exc).__name__}: {exc})"
-            failed = comm.allgather(torch.tensor([0 if problem is None else 1]))
+            try:
+                if saved_size == comm.size:
+                    # Rank 0 checks trainer.pt, every rank its own shard; the ranks agree on the outcome.
+                    names = (["trainer.pt"] if comm.rank == 0 else []) + [f"rank_{comm.rank}.pt"]
+                    problem = next(filter(None, (verify_file(folder, n) for n in names)), None)
+                    if problem is None:
+                        trainer = load(os.path.join(folder, "trainer.pt"))
+                        mine = load(os.path.join(folder, f"rank_{comm.rank}.pt"))
+                else:
+                    trainer, mine, problem = self._resplit(folder, saved_size, step)
+            except Exception as exc:  # a damaged zip directory, an unreadable file
+                problem = f"{folder}: cannot load ({type(exc).__name__}: {exc})"
+            failed = comm.allgather(torch.tensor([0 if problem is None else 1], device=self.device)).cpu()
             if problem is not None:
                 print(f"[rank {comm.rank}] checkpoint not usable: {problem}", flush=True)
             if not bool(failed.any()):
@@ -296,6 +404,38 @@ class Checkpointer:
             self.log(f"checkpoint {folder} failed verification on rank(s) {ranks}"
                      + (f": {problem}" if problem is not None else "") + "; trying the previous one")
         return None, None, None
+
+    def _resplit(self, folder, saved_size, step):
+        """``(trainer state, this rank's state, problem)`` for a checkpoint of ``saved_size`` ranks: this rank's
+        ``partition_classes`` range of the centers and of their per-row optimizer state, taken from the saved
+        shards (all read, checked to tile the classes without gap or overlap). The class sampler restarts from
+        ``reshard.derived_seed(seed, rank, step)``; a rank beyond the saved ones takes its RNG states from it
+        too, the others keep their own."""
+        comm, rank = self.comm, self.comm.rank
+        names = [f"rank_{r}.pt" for r in range(saved_size)]
+        problem = next(filter(None, (verify_file(folder, n) for n in ["trainer.pt"] + names)), None)
+        if problem is not None:
+            return None, None, problem
+        trainer = load(os.path.join(folder, "trainer.pt"))
+        shards = reshard.read_shards([os.path.join(folder, n) for n in names], trainer.get("num_classes"))
+        num_classes = shards[-1]["stop"]
+        if num_classes != self.pfc.num_classes:
+            return trainer, dict(weight=torch.empty(num_classes, 0)), None  # _check_compatible names it
+        start, num = partition_classes(num_classes, rank, comm.size)
+        weight, rows, rest, groups, _ = reshard.take_rows(shards, start, num)
+        seed = int(self.config.seed)
+        sampler = torch.Generator().manual_seed(reshard.derived_seed(seed, rank, step, reshard.SAMPLER))
+        mine = dict(weight=weight, class_start=start, num_local=num, sampler=sampler.get_state(),
+                    pfc_optimizer=reshard.optimizer_state_dict(rows, rest, groups))
+        if rank < saved_size:
+            own = shards[[s["path"] for s in shards].index(os.path.join(folder, f"rank_{rank}.pt"))]["state"]
+            mine["torch_rng"], mine["cuda_rng"] = own["torch_rng"], own.get("cuda_rng")
+        else:
+            mine["torch_rng"] = torch.Generator().manual_seed(
+                reshard.derived_seed(seed, rank, step, reshard.TORCH_RNG)).get_state()
+            mine["cuda_rng"], mine["cuda_seed"] = None, reshard.derived_seed(seed, rank, step, reshard.CUDA_RNG)
+        self.log(reshard.describe_resplit(shards, num_classes, comm.size))
+        return trainer, mine, None
 
     def _obey_config_lr(self, config_base_lrs):
         """The schedules continue at the checkpoint's step, but from this run's base lr: a resumed run with
@@ -320,6 +460,14 @@ class Checkpointer:
             write_json_atomic(self.config, os.path.join(self.output, "config.json"))
             self.log(f"saved {os.path.join(self.output, 'model.pt')}")
         self.comm.barrier()
+
+
+def _saved_config(trainer):
+    try:
+        saved = json.loads(trainer.get("config") or "{}")
+    except ValueError:
+        saved = {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def _tensors(obj):

@@ -1,11 +1,16 @@
-// Helpers shared by the CUDA kernels: block reductions, a counter-based random generator, launch sizes.
+// Helpers shared by the CUDA kernels: block reductions, a counter-based random generator, launch sizes, and
+// the host-side range check of index tensors.
 #pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <tuple>
 
 namespace partialfc {
 namespace cuda {
@@ -67,6 +72,27 @@ __device__ __forceinline__ uint64_t random64(uint64_t seed, uint64_t stream, uin
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Checks that every entry of the int64 CUDA tensor `values` lies in [lo, hi), raising the CPU kernels' error
+// (`op: name[i] = v is outside [lo, hi)`) otherwise. A device assert would leave a sticky error that ends the
+// process; this costs one small reduction and one synchronizing copy of two values per call instead. Only
+// on failure is the whole tensor copied back, to name the first bad entry.
+inline void check_range_cuda(const at::Tensor& values, int64_t lo, int64_t hi, const char* op, const char* name) {
+  if (values.numel() == 0) return;
+  const auto bounds = at::aminmax(values);
+  const at::Tensor host = at::stack({std::get<0>(bounds), std::get<1>(bounds)}).cpu();
+  const int64_t smallest = host.const_data_ptr<int64_t>()[0], largest = host.const_data_ptr<int64_t>()[1];
+  if (smallest >= lo && largest < hi) return;
+  const at::Tensor all = values.cpu().contiguous();
+  const int64_t* p = all.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < all.numel(); ++i)
+    TORCH_CHECK(p[i] >= lo && p[i] < hi, op, ": ", name, "[", i, "] = ", p[i], " is outside [", lo, ", ", hi, ")");
+}
+
+// Row indices into a table of `num_rows` rows.
+inline void check_index_range_cuda(const at::Tensor& index, int64_t num_rows, const char* op) {
+  check_range_cuda(index, 0, num_rows, op, "index");
+}
 
 }  // namespace cuda
 }  // namespace partialfc

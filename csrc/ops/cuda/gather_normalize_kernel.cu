@@ -17,11 +17,10 @@ constexpr int kNormThreads = 128;
 template <typename in_t, typename out_t, typename acc_t>
 __global__ void gather_normalize_kernel(const in_t* __restrict__ weight, const int64_t* __restrict__ index,
                                         out_t* __restrict__ out, acc_t* __restrict__ inv_norm, int64_t dim,
-                                        int64_t num_rows, int64_t ws0, int64_t ws1, int64_t os0, int64_t os1) {
+                                        int64_t ws0, int64_t ws1, int64_t os0, int64_t os1) {
   __shared__ acc_t scratch[32];
   const int64_t i = blockIdx.x;
-  const int64_t r = index[i];
-  CUDA_KERNEL_ASSERT(r >= 0 && r < num_rows);
+  const int64_t r = index[i];  // in range: checked on the host before the launch
   const in_t* src = weight + r * ws0;
   acc_t sum = 0;
   for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
@@ -29,8 +28,10 @@ __global__ void gather_normalize_kernel(const in_t* __restrict__ weight, const i
     sum += v * v;
   }
   sum = cuda::block_sum(sum, scratch);
-  acc_t norm = sqrt(sum);
-  const acc_t scale = acc_t(1) / (norm > acc_t(1e-12) ? norm : acc_t(1e-12));
+  const acc_t norm = sqrt(sum);
+  // max(norm, 1e-12) that keeps a NaN norm, as std::max on CPU and clamp_min in the reference do: a row with
+  // a NaN gives NaN everywhere (and a NaN inverse norm), rather than its other entries scaled by 1e12.
+  const acc_t scale = acc_t(1) / (norm < acc_t(1e-12) ? acc_t(1e-12) : norm);
   out_t* dst = out + i * os0;
   for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) dst[j * os1] = static_cast<out_t>(static_cast<acc_t>(src[j * ws1]) * scale);
   if (threadIdx.x == 0) inv_norm[i] = scale;
@@ -72,6 +73,7 @@ void gather_normalize_out_cuda(const at::Tensor& weight, const at::Tensor& index
   if (rows == 0) return;
   c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor idx = index.contiguous();
+  cuda::check_index_range_cuda(idx, weight.size(0), op);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gather_normalize_in", [&] {
     using in_t = scalar_t;
@@ -79,8 +81,7 @@ void gather_normalize_out_cuda(const at::Tensor& weight, const at::Tensor& index
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gather_normalize_out", [&] {
       gather_normalize_kernel<in_t, scalar_t, acc_t><<<rows, kNormThreads, 0, stream>>>(
           weight.const_data_ptr<in_t>(), idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(),
-          inv.mutable_data_ptr<acc_t>(), dim, weight.size(0), weight.stride(0), weight.stride(1), out.stride(0),
-          out.stride(1));
+          inv.mutable_data_ptr<acc_t>(), dim, weight.stride(0), weight.stride(1), out.stride(0), out.stride(1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

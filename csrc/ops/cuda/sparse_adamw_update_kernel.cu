@@ -3,11 +3,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/aminmax.h>
-#include <ATen/ops/stack.h>
 #include <torch/library.h>
 
-#include <tuple>
 #include <type_traits>
 
 #include "common.cuh"
@@ -59,20 +56,6 @@ __global__ void adamw_kernel(w_t* weight, w_t* exp_avg, w_t* exp_avg_sq, step_t*
   }
 }
 
-// A bad row must raise a catchable error rather than a device assert (which would poison the CUDA context),
-// so the index range is read back before the launch: one small reduction and one synchronizing copy.
-void check_index_range_cuda(const at::Tensor& index, int64_t num_rows, const char* op) {
-  const auto bounds = at::aminmax(index);
-  const at::Tensor host = at::stack({std::get<0>(bounds), std::get<1>(bounds)}).cpu();
-  const int64_t lo = host.const_data_ptr<int64_t>()[0], hi = host.const_data_ptr<int64_t>()[1];
-  if (lo >= 0 && hi < num_rows) return;
-  // The error path: find the first bad entry on the host, to name it as the CPU kernel does.
-  const at::Tensor all = index.cpu();
-  const int64_t* ip = all.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < all.numel(); ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < num_rows, op, ": index[", i, "] = ", ip[i], " is outside [0, ", num_rows, ")");
-}
-
 void sparse_adamw_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& row_step,
                               const at::Tensor& index, const at::Tensor& grad_rows, double lr, double beta1,
                               double beta2, double eps, double weight_decay) {
@@ -85,7 +68,7 @@ void sparse_adamw_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
   c10::cuda::CUDAGuard guard(weight.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor idx = index.contiguous();
-  check_index_range_cuda(idx, weight.size(0), op);
+  cuda::check_index_range_cuda(idx, weight.size(0), op);
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_adamw_update_w", [&] {
     using w_t = scalar_t;
     using acc_t = at::opmath_type<w_t>;

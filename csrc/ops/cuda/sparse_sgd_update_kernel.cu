@@ -14,11 +14,10 @@ constexpr int kUpdateThreads = 128;
 
 template <typename w_t, typename g_t, typename acc_t>
 __global__ void update_kernel(w_t* weight, w_t* mom, const int64_t* __restrict__ index, const g_t* __restrict__ grad,
-                              int64_t dim, int64_t num_rows, int64_t ws0, int64_t ws1, int64_t ms0, int64_t ms1,
-                              int64_t gs0, int64_t gs1, acc_t lr, acc_t mu, acc_t wd) {
+                              int64_t dim, int64_t ws0, int64_t ws1, int64_t ms0, int64_t ms1, int64_t gs0,
+                              int64_t gs1, acc_t lr, acc_t mu, acc_t wd) {
   const int64_t i = blockIdx.x;
-  const int64_t r = index[i];
-  CUDA_KERNEL_ASSERT(r >= 0 && r < num_rows);
+  const int64_t r = index[i];  // in range: checked on the host before the launch
   w_t* wr = weight + r * ws0;
   w_t* mr = mom + r * ms0;
   const g_t* gr = grad + i * gs0;
@@ -50,13 +49,15 @@ void sparse_sgd_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer, con
   c10::cuda::CUDAGuard guard(weight.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor idx = index.contiguous();
+  // Before any row is written: a bad index leaves table and momentum as they were.
+  cuda::check_index_range_cuda(idx, weight.size(0), op);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_sgd_update_w", [&] {
     using w_t = scalar_t;
     using acc_t = at::opmath_type<w_t>;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rows.scalar_type(), "sparse_sgd_update_g", [&] {
       update_kernel<w_t, scalar_t, acc_t><<<rows, kUpdateThreads, 0, stream>>>(
           weight.data_ptr<w_t>(), momentum_buffer.data_ptr<w_t>(), idx.const_data_ptr<int64_t>(),
-          grad_rows.const_data_ptr<scalar_t>(), weight.size(1), weight.size(0), weight.stride(0), weight.stride(1),
+          grad_rows.const_data_ptr<scalar_t>(), weight.size(1), weight.stride(0), weight.stride(1),
           momentum_buffer.stride(0), momentum_buffer.stride(1), grad_rows.stride(0), grad_rows.stride(1),
           static_cast<acc_t>(lr), static_cast<acc_t>(momentum), static_cast<acc_t>(weight_decay));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -76,10 +76,6 @@ def _run_checkpoint(tmp_path, **overrides):
     return cfg, checkpoint.step_dir(cfg.output, 4)
 
 
-def _state_rows(merged):
-    return {k: v for k, v in merged["optimizer_rows"].items()}
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_split_then_merge_gives_the_same_table_and_states(tmp_path, optimizer):
     cfg, folder = _run_checkpoint(tmp_path, optimizer=optimizer, lr=0.01)

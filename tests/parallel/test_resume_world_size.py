@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from launchers import ROOT, missing, run
+from launchers import missing, run
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resume_world_size_worker.py")
 GLOBAL_BATCH = 24

@@ -14,17 +14,19 @@ GLOBAL_BATCH = 24
 TOL = 1e-5
 
 
-def _overrides(tmp_path, output, batch_size, *extra):
+def _overrides(tmp_path, output, batch_size, backend, *extra):
     # 16 identities x 8 images: 5 global batches of 24 per epoch, so steps 4..6 cross into epoch 1.
     return [f"output='{output}'", f"data_root='{tmp_path / 'data'}'", "synthetic_ids=16",
             "synthetic_images_per_id=8", "val_targets=[]", "network='flat_test'", "embedding_size=32",
             f"batch_size={batch_size}", "num_workers=0", "max_steps=6", "save_every=3", "sample_rate=1.0",
-            "frequent=100", "tensorboard=False", "comm_backend='torch'", "lr=0.05", *extra]
+            "frequent=100", "tensorboard=False", f"comm_backend='{backend}'", "lr=0.05", *extra]
 
 
-def _train(tmp_path, np, output, *extra):
+def _train(tmp_path, launcher, np, output, *extra):
     out = tmp_path / f"losses_{os.path.basename(output)}.json"
-    run("torchrun", np, WORKER, str(out), *_overrides(tmp_path, output, GLOBAL_BATCH // np, *extra), timeout=240)
+    backend = "horovod" if launcher == "horovodrun" else "torch"
+    run(launcher, np, WORKER, str(out), *_overrides(tmp_path, output, GLOBAL_BATCH // np, backend, *extra),
+        timeout=240)
     with open(out) as f:
         result = json.load(f)
     assert result["world_size"] == np
@@ -36,16 +38,18 @@ def test_two_rank_checkpoint_resumes_on_one_and_three_ranks(tmp_path):
     if reason:
         pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
     full_out = tmp_path / "two"
-    full = _train(tmp_path, 2, full_out)
+    full = _train(tmp_path, "torchrun", 2, full_out)
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
-    for np in (1, 3):
-        out = tmp_path / f"resumed_on_{np}"
+    # horovodrun --gloo too when Horovod is installed: the checkpoint does not depend on the launcher.
+    resumes = [("torchrun", 1), ("torchrun", 3)] + ([("horovodrun", 3)] if not missing("horovodrun") else [])
+    for launcher, np in resumes:
+        out = tmp_path / f"resumed_on_{np}_{launcher}"
         shutil.copytree(full_out / "checkpoints" / "step_3", out / "checkpoints" / "step_3")
         shutil.copy(full_out / "run.json", out / "run.json")
-        rest = _train(tmp_path, np, out, "resume=True")
+        rest = _train(tmp_path, launcher, np, out, "resume=True")
         assert sorted(rest) == [4, 5, 6]
         for step in (4, 5, 6):
-            assert abs(rest[step] - full[step]) < TOL, (np, step, rest, full)
+            assert abs(rest[step] - full[step]) < TOL, (launcher, np, step, rest, full)
         with open(out / "training.log") as f:
             log = f.read()
         assert "at step 3" in log

@@ -44,6 +44,10 @@ DEFAULTS = dict(
     # --- margin softmax: logit = s * (cos(m1 * theta + m2) - m3) on the target class ---
     margin_list=(1.0, 0.5, 0.0),   # (m1, m2, m3): ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4)
     scale=64.0,                    # s
+    margin_type="combined",        # "combined": margin_list; "adaface" or "curricularface" (docs/margins.md)
+    margin_m=None,                 # adaptive margins' m; None: the paper's (AdaFace 0.4, CurricularFace 0.5)
+    margin_t_alpha=0.01,           # momentum of the adaptive margins' running statistics
+    adaface_h=0.333,               # AdaFace: concentration h of the normalized feature norm
     interclass_filtering_threshold=0,
     # --- Partial FC ---
     sample_rate=1.0,
@@ -278,6 +282,10 @@ SCHEMA = dict(
     gradient_checkpointing=boolean(),
     margin_list=seq(number(), 3),                # (m1, m2, m3)
     scale=number(0, lo_open=True),
+    margin_type=choice("combined", "adaface", "curricularface"),
+    margin_m=optional(number(0)),
+    margin_t_alpha=number(0, 1, lo_open=True),
+    adaface_h=number(0, lo_open=True),
     interclass_filtering_threshold=number(0, 1),  # 0 disables
     sample_rate=number(0, 1, lo_open=True),
     use_ext=boolean(),

@@ -10,4 +10,16 @@ TORCH_LIBRARY_FRAGMENT(partialfc, m) {
   // logits [B, S] (the forward's output) becomes d(sum of losses)/d(cosine) * grad_scale.
   m.def("margin_softmax_backward(Tensor(a!) logits, Tensor labels, Tensor global_max, Tensor global_sum_exp, "
         "Tensor target_cos, float s, float m1, float m2, float m3, float grad_scale, float filter_threshold) -> ()");
+  // The same with per-sample margins (AdaFace) and re-weighted hard negatives (CurricularFace): sample b's
+  // target angle gets sample_m2[b] and its target cosine sample_m3[b] on top of (m2, m3); clip_eps > 0 clamps
+  // every cosine to [-1 + clip_eps, 1 - clip_eps] and clips the target angle to [clip_eps, pi - clip_eps]
+  // (no fallback branch); a non-target cosine c > hard_threshold[b] gets the logit s * c * (hard_t + c). With
+  // hard_threshold, such entries hold s * c on exit (the backward derives their logit from it).
+  m.def("margin_softmax_forward_adaptive(Tensor(a!) logits, Tensor labels, float s, float m1, float m2, float m3, "
+        "float filter_threshold, Tensor? sample_m2, Tensor? sample_m3, float clip_eps, Tensor? hard_threshold, "
+        "float hard_t) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("margin_softmax_backward_adaptive(Tensor(a!) logits, Tensor labels, Tensor global_max, "
+        "Tensor global_sum_exp, Tensor target_cos, float s, float m1, float m2, float m3, float grad_scale, "
+        "float filter_threshold, Tensor? sample_m2, Tensor? sample_m3, float clip_eps, Tensor? hard_threshold, "
+        "float hard_t) -> ()");
 }

@@ -15,6 +15,10 @@ The backward returns dX to autograd and leaves the gradient of the sampled cente
 
 The step is one code over an op table (``partialfc.ops.op_table``): the compiled kernels of
 ``partialfc._C`` (``use_ext=True``, the default) or the pure-PyTorch references (``use_ext=False``).
+
+The adaptive margins (AdaFace, CurricularFace; docs/margins.md) run the ``*_adaptive`` margin ops with
+per-sample arguments from running statistics that the head keeps as buffers (``head_state()``). Every rank
+computes them from the whole global batch, so they are the same on every rank.
 """
 import math
 
@@ -25,7 +29,7 @@ from torch import nn
 from .. import ops
 from ..comm import allgather_with_grad, get_comm
 from ..ops import accumulation_dtype, compute_dtype
-from .margins import resolve_margin
+from .margins import AdaFace, CurricularFace, resolve_margin
 
 
 class CenterGrad:
@@ -120,6 +124,34 @@ class CenterGrad:
         self.applied = True
 
 
+def global_target_cos(logits, target, comm):
+    """The clamped target cosine of every sample of the global batch [B], from the rank holding its class
+    (``logits`` [B, S] still holds the cosines)."""
+    rows = torch.nonzero(target >= 0).squeeze(1)
+    local = torch.zeros(target.shape[0], dtype=logits.dtype, device=logits.device)
+    local[rows] = logits[rows, target[rows]].clamp(-1.0, 1.0)
+    # Each sample's target lives on exactly one rank: the sum over ranks adds zeros to it, exactly.
+    return comm.allgather(local).view(comm.size, -1).sum(dim=0)
+
+
+class AdaptiveArgs:
+    """The adaptive margin ops' extra arguments for one step. AdaFace's per-sample margins are known before
+    the forward (from the feature norms); CurricularFace's hard-negative threshold needs every sample's target
+    cosine, so ``resolve`` computes it from the step's cosines (one [B] allgather) and moves the running t."""
+
+    def __init__(self, sample_m2=None, sample_m3=None, clip_eps=0.0, curricular=None, state=None, update=False):
+        self.kwargs = dict(sample_m2=sample_m2, sample_m3=sample_m3, clip_eps=clip_eps, hard_threshold=None,
+                           hard_t=0.0)
+        self.curricular, self.state, self.update = curricular, state, update
+
+    def resolve(self, logits, target, comm):
+        if self.curricular is not None:
+            threshold, t = self.curricular.hard_threshold(global_target_cos(logits, target, comm), self.state,
+                                                          self.update)
+            self.kwargs.update(hard_threshold=threshold, hard_t=t)
+        return self.kwargs
+
+
 def combine_statistics(comm, row_max, sum_exp, target_logit):
     """``(loss, global_max [B], global_sum_exp [B])`` from every rank's partial softmax statistics."""
     batch = row_max.shape[0]
@@ -142,7 +174,8 @@ class MarginSoftmaxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features, anchor, weight, target, center_grad, margin, filter_threshold, comm, table):
+    def forward(ctx, features, anchor, weight, target, center_grad, margin, filter_threshold, comm, table,
+                adaptive=None):
         index = center_grad.index
         batch, num_sample, dim = features.shape[0], index.numel(), weight.shape[1]
         acc = accumulation_dtype(weight.dtype)
@@ -158,13 +191,19 @@ class MarginSoftmaxLoss(torch.autograd.Function):
                 low = table.empty_logits("logits_lowp", batch, num_sample, features.dtype)
                 logits.copy_(table.mm_into(features, centers.t(), low))
             # In place: clamp, margin on the target column, scale; one online pass for the row statistics.
-            row_max, sum_exp, target_logit, target_cos = table.margin_softmax_forward(
-                logits, target, s, m1, m2, m3, filter_threshold)  # each [B]
+            adaptive_kwargs = None
+            if adaptive is None:
+                row_max, sum_exp, target_logit, target_cos = table.margin_softmax_forward(
+                    logits, target, s, m1, m2, m3, filter_threshold)  # each [B]
+            else:
+                adaptive_kwargs = adaptive.resolve(logits, target, comm)
+                row_max, sum_exp, target_logit, target_cos = table.margin_softmax_forward_adaptive(
+                    logits, target, s, m1, m2, m3, filter_threshold, **adaptive_kwargs)
             loss, global_max, global_sum_exp = combine_statistics(comm, row_max, sum_exp, target_logit)
         center_grad.centers, center_grad.inv_norm = centers, inv_norm
         table.generation += 1
         ctx.generation, ctx.table, ctx.center_grad = table.generation, table, center_grad
-        ctx.margin, ctx.filter_threshold = margin, filter_threshold
+        ctx.margin, ctx.filter_threshold, ctx.adaptive_kwargs = margin, filter_threshold, adaptive_kwargs
         ctx.save_for_backward(features)
         ctx.buffers = (centers, logits, target, global_max, global_sum_exp, target_cos)
         return loss
@@ -183,14 +222,20 @@ class MarginSoftmaxLoss(torch.autograd.Function):
         with torch.autocast(logits.device.type, enabled=False):
             # In place over the logits: (softmax - onehot) * s, times the margin's derivative on the target
             # column, times d(loss)/d(mean) / B.
-            table.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                                          float(grad_loss) / target.shape[0], ctx.filter_threshold)
+            grad_scale = float(grad_loss) / target.shape[0]
+            if ctx.adaptive_kwargs is None:
+                table.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
+                                              grad_scale, ctx.filter_threshold)
+            else:
+                table.margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1,
+                                                       m2, m3, grad_scale, ctx.filter_threshold,
+                                                       **ctx.adaptive_kwargs)
             grad_logits = logits  # [B, S]
             if features.dtype != logits.dtype:
                 grad_logits = table.empty_logits("logits_lowp", *logits.shape, features.dtype).copy_(logits)
             grad_features = torch.mm(grad_logits, centers) if ctx.needs_input_grad[0] else None  # [B, D]
             ctx.center_grad.add(grad_logits, features)  # [S, D]
-        return grad_features, None, None, None, None, None, None, None, None
+        return grad_features, None, None, None, None, None, None, None, None, None
 
 
 def partition_classes(num_classes, rank, world_size):
@@ -219,6 +264,9 @@ class PartialFC(nn.Module):
         self.num_classes = num_classes
         self.sample_rate = sample_rate
         self.margin = resolve_margin(margin)
+        # An adaptive margin's running statistics: buffers, so they follow .to() / .double() and state_dict.
+        for name, value in zip(self._state_names(), getattr(self.margin, "initial_state", ())):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
         self.interclass_filtering_threshold = float(interclass_filtering_threshold or 0.0)
         self.class_start, self.num_local = partition_classes(num_classes, self.comm.rank, self.comm.size)
         self.num_sample = min(self.num_local, math.ceil(sample_rate * self.num_local))
@@ -239,6 +287,28 @@ class PartialFC(nn.Module):
         if self.ops.device != self.weight.device:
             self.ops = ops.op_table(self.weight.device, self.use_ext)
         return self
+
+    def _state_names(self):
+        return getattr(self.margin, "state_names", ())
+
+    def head_state(self):
+        """The adaptive margin's running statistics ``{name: tensor}`` (copies; empty for a fixed margin),
+        the same on every rank."""
+        return {name: getattr(self, name).detach().clone() for name in self._state_names()}
+
+    def load_head_state(self, state):
+        """Restore what ``head_state()`` returned; a missing or unexpected key is a ValueError naming it."""
+        names = set(self._state_names())
+        missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+        if missing or unexpected:
+            raise ValueError(f"head state for margin {self.margin!r}: missing keys {missing}, unexpected keys "
+                             f"{unexpected}")
+        for name in self._state_names():
+            value = torch.as_tensor(state[name])
+            buffer = getattr(self, name)
+            if value.numel() != 1:
+                raise ValueError(f"head state {name!r} must hold one value, got shape {list(value.shape)}")
+            buffer.copy_(value.reshape(buffer.shape))
 
     @property
     def sampled_index(self):
@@ -277,8 +347,24 @@ class PartialFC(nn.Module):
         embeddings = allgather_with_grad(local_embeddings, self.comm)  # [B, D]
         features = F.normalize(embeddings.to(accumulation_dtype(self.weight.dtype)), dim=1)
         features = features.to(compute_dtype(embeddings, self.weight))  # [B, D]
+        margin, adaptive = self.margin, self._adaptive_args(embeddings)
+        if adaptive is not None:
+            margin = self.margin.scalars
         return MarginSoftmaxLoss.apply(features, self.center_grad.anchor, self.weight, target, self.center_grad,
-                                       self.margin, self.interclass_filtering_threshold, self.comm, self.ops)
+                                       margin, self.interclass_filtering_threshold, self.comm, self.ops, adaptive)
+
+    def _adaptive_args(self, embeddings):
+        """The adaptive margin's arguments for this step (None for a fixed margin). The running statistics
+        move in training mode only, as BatchNorm's do."""
+        state = tuple(getattr(self, name) for name in self._state_names())
+        if isinstance(self.margin, AdaFace):
+            # The norms of the backbone's embeddings (before normalization), detached.
+            norms = embeddings.detach().to(accumulation_dtype(self.weight.dtype)).norm(dim=1)
+            angular, additive = self.margin.sample_margins(norms, state, self.training)
+            return AdaptiveArgs(sample_m2=angular, sample_m3=additive, clip_eps=self.margin.eps)
+        if isinstance(self.margin, CurricularFace):
+            return AdaptiveArgs(curricular=self.margin, state=state, update=self.training)
+        return None
 
     def _gather_labels(self, local_embeddings, local_labels):
         """The global labels [B], after checking shapes, equal batch sizes and the label range."""

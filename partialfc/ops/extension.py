@@ -91,6 +91,20 @@ if _C is not None:
                                       grad_scale, filter_threshold):
         return None
 
+    # The adaptive margin ops (AdaFace, CurricularFace) exist in extensions built from these sources; an older
+    # build lacks them and the head's adaptive margins then need use_ext=False.
+    if hasattr(torch.ops.partialfc, "margin_softmax_forward_adaptive"):
+        @torch.library.register_fake(lib + "margin_softmax_forward_adaptive")
+        def _margin_softmax_forward_adaptive_fake(logits, labels, s, m1, m2, m3, filter_threshold, sample_m2,
+                                                  sample_m3, clip_eps, hard_threshold, hard_t):
+            return tuple(logits.new_empty((logits.shape[0],)) for _ in range(4))
+
+        @torch.library.register_fake(lib + "margin_softmax_backward_adaptive")
+        def _margin_softmax_backward_adaptive_fake(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2,
+                                                   m3, grad_scale, filter_threshold, sample_m2, sample_m3, clip_eps,
+                                                   hard_threshold, hard_t):
+            return None
+
     @torch.library.register_fake(lib + "sparse_sgd_update")
     def _sparse_sgd_update_fake(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
         return None

@@ -14,6 +14,10 @@ The margin. For a target cosine ``t = cos(theta)`` the margin logit is
 
 and every logit is then multiplied by ``s``. The backward uses the exact derivative
 ``df/dt = m1 * sin(m1 * theta + m2) / sin(theta)`` (1 in the fallback branch, and exactly 1 for CosFace).
+
+The adaptive margin ops (``margin_softmax_*_adaptive_ref``; AdaFace and CurricularFace, docs/margins.md) add
+per-sample terms to ``m2`` and ``m3``, optionally clamp the cosines to ``[-1 + eps, 1 - eps]`` and clip the
+target angle to ``[eps, pi - eps]`` instead of the fallback, and optionally re-weight hard negatives.
 """
 import math
 
@@ -181,6 +185,113 @@ def margin_softmax_backward_ref(logits, labels, global_max, global_sum_exp, targ
     if filter_threshold > 0 and rows.numel():
         logits[rows] = logits[rows].masked_fill(dropped, 0.0)
     logits.mul_(s * grad_scale)
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adaptive margins: per-sample margins (AdaFace) and re-weighted hard negatives (CurricularFace)
+
+
+def _adaptive_margin_and_derivative(t, m1, m2, m3, clip_eps):
+    """``f(t)`` and ``df/dt`` with per-sample ``m2``, ``m3`` (tensors like ``t``). With ``clip_eps > 0`` the
+    angle is clipped to ``[eps, pi - eps]`` (derivative 0 where the clip or the cosine clamp holds);
+    otherwise the fallback branch of ``_margin_and_derivative`` applies."""
+    theta = torch.acos(t)
+    angle = m1 * theta + m2
+    sin_theta = torch.sqrt(torch.clamp(1.0 - t * t, min=1e-12))
+    if clip_eps > 0:
+        lo, hi = clip_eps, math.pi - clip_eps
+        value = torch.cos(angle.clamp(lo, hi)) - m3
+        inside = (angle >= lo) & (angle <= hi) & (t > -1.0 + clip_eps) & (t < 1.0 - clip_eps)
+        deriv = torch.where(inside, m1 * torch.sin(angle) / sin_theta, torch.zeros_like(t))
+        return value, deriv
+    plain = (m2 == 0) if m1 == 1.0 else torch.zeros_like(t, dtype=torch.bool)
+    in_range = angle <= math.pi
+    value = torch.where(in_range, torch.cos(angle) - m3, t - m3 - m2 * torch.sin(m2))
+    deriv = torch.where(in_range, m1 * torch.sin(angle) / sin_theta, torch.ones_like(t))
+    return torch.where(plain, t - m3, value), torch.where(plain, torch.ones_like(t), deriv)
+
+
+def _per_sample(base, sample, rows, like):
+    if sample is None:
+        return torch.full((rows.numel(),), base, dtype=like.dtype, device=like.device)
+    return base + sample.to(like.dtype)[rows]
+
+
+def _hard_negatives(logits, labels, s, hard_threshold, hard_t):
+    """``(mask [B, S], logit values [B, S])`` of the stored entries: re-weighted negatives get
+    ``l * (hard_t + l / s)`` (``l = s * c``), rounded to the logits' dtype; the target column is never one."""
+    if hard_threshold is None:
+        return None, logits
+    mask = logits / s > hard_threshold.to(logits.dtype)[:, None]
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    mask[rows, labels[rows]] = False
+    return mask, torch.where(mask, logits * (hard_t + logits / s), logits)
+
+
+def margin_softmax_forward_adaptive_ref(logits, labels, s, m1, m2, m3, filter_threshold=0.0, sample_m2=None,
+                                        sample_m3=None, clip_eps=0.0, hard_threshold=None, hard_t=0.0):
+    """``margin_softmax_forward_ref`` with sample ``b``'s target margin ``(m1, m2 + sample_m2[b], m3 +
+    sample_m3[b])``, cosines clamped to ``[-1 + clip_eps, 1 - clip_eps]`` and the target angle clipped to
+    ``[clip_eps, pi - clip_eps]`` when ``clip_eps > 0``, and the non-target cosines ``c > hard_threshold[b]``
+    given the logit ``s * c * (hard_t + c)``. The buffer keeps ``s * c`` for those (the backward derives their
+    logit from it); the statistics are over the logits.
+    """
+    if not 0.0 <= clip_eps < 0.5:
+        raise ValueError(f"margin_softmax_forward_adaptive: clip_eps must be in [0, 0.5), got {clip_eps}")
+    logits.clamp_(-1.0 + clip_eps, 1.0 - clip_eps)
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    cols = labels[rows]
+    target_cos = torch.zeros(labels.shape[0], dtype=logits.dtype, device=logits.device)
+    target_cos[rows] = logits[rows, cols]
+    if filter_threshold > 0 and rows.numel():
+        sub = logits[rows]
+        too_close = sub > filter_threshold
+        too_close[torch.arange(rows.numel(), device=logits.device), cols] = False
+        logits[rows] = sub.masked_fill(too_close, 0.0)
+    value, _ = _adaptive_margin_and_derivative(target_cos[rows], m1, _per_sample(m2, sample_m2, rows, logits),
+                                               _per_sample(m3, sample_m3, rows, logits), clip_eps)
+    logits[rows, cols] = value
+    logits.mul_(s)
+    target_logit = torch.zeros_like(target_cos)
+    target_logit[rows] = logits[rows, cols]
+    _, values = _hard_negatives(logits, labels, s, hard_threshold, hard_t)
+    if logits.shape[1] == 0:
+        row_max = torch.full_like(target_cos, -math.inf)
+        sum_exp = torch.zeros_like(target_cos)
+    else:
+        row_max = values.max(dim=1).values
+        sum_exp = torch.exp(values - row_max[:, None]).sum(dim=1)
+    return row_max, sum_exp, target_logit, target_cos
+
+
+def margin_softmax_backward_adaptive_ref(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
+                                         grad_scale, filter_threshold=0.0, sample_m2=None, sample_m3=None,
+                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0):
+    """In place on the forward's buffer: ``d loss_sum / d cosine * grad_scale`` for the adaptive margins. A
+    re-weighted negative's gradient has the factor ``hard_t + 2 c``; dropped (filtered) entries and, with
+    ``clip_eps > 0``, cosines on the clamp get none."""
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    cols = labels[rows]
+    no_grad = torch.zeros_like(logits, dtype=torch.bool)
+    if filter_threshold > 0 and rows.numel():
+        no_grad[rows] = logits[rows] == 0
+    if clip_eps > 0:
+        # the clamp's bounds as the forward stored them: (bound in the logits' dtype) * s
+        lo, hi = (torch.tensor(b, dtype=logits.dtype, device=logits.device) * s for b in (-1.0 + clip_eps,
+                                                                                          1.0 - clip_eps))
+        no_grad |= (logits <= lo) | (logits >= hi)
+    no_grad[rows, cols] = False
+    mask, values = _hard_negatives(logits, labels, s, hard_threshold, hard_t)
+    slope = None if mask is None else torch.where(mask, hard_t + 2 * (logits / s), torch.ones_like(logits))
+    grad = torch.exp(values - global_max[:, None]) / global_sum_exp[:, None]
+    if slope is not None:
+        grad = grad * slope
+    target_p = torch.exp(logits[rows, cols] - global_max[rows]) / global_sum_exp[rows]
+    _, deriv = _adaptive_margin_and_derivative(target_cos[rows], m1, _per_sample(m2, sample_m2, rows, logits),
+                                               _per_sample(m3, sample_m3, rows, logits), clip_eps)
+    grad[rows, cols] = (target_p - 1.0) * deriv
+    logits.copy_(grad.masked_fill(no_grad, 0.0).mul_(s * grad_scale))
     return logits
 
 

@@ -10,6 +10,11 @@ underneath. Every table offers the same signatures, the ``_out`` and in-place fo
         -> (row_max, sum_exp, target_logit, target_cos), each [B]
     margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
                             grad_scale, filter_threshold)                               (in place)
+    margin_softmax_forward_adaptive(logits, target, s, m1, m2, m3, filter_threshold, sample_m2, sample_m3,
+                                    clip_eps, hard_threshold, hard_t)                   (in place)
+    margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
+                                     grad_scale, filter_threshold, sample_m2, sample_m3, clip_eps,
+                                     hard_threshold, hard_t)                            (in place)
     sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay)
     normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
                                   weight_decay, grad_scale)
@@ -67,10 +72,18 @@ class ReferenceOps(OpTable):
     gather_normalize_backward_out = staticmethod(reference.gather_normalize_backward_out_ref)
     margin_softmax_forward = staticmethod(reference.margin_softmax_forward_ref)
     margin_softmax_backward = staticmethod(reference.margin_softmax_backward_ref)
+    margin_softmax_forward_adaptive = staticmethod(reference.margin_softmax_forward_adaptive_ref)
+    margin_softmax_backward_adaptive = staticmethod(reference.margin_softmax_backward_adaptive_ref)
     sparse_sgd_update = staticmethod(reference.sparse_sgd_update_ref)
     normalize_backward_sgd_update = staticmethod(reference.normalize_backward_sgd_update_ref)
     sparse_adamw_update = staticmethod(reference.sparse_adamw_update_ref)
     normalize_backward_adamw_update = staticmethod(reference.normalize_backward_adamw_update_ref)
+
+
+def _require_op(name):
+    if not hasattr(torch.ops.partialfc, name):
+        raise RuntimeError(f"partialfc._C has no op {name} (built from older sources): rebuild it with `python "
+                           "setup.py build_ext --inplace`, or construct PartialFC(..., use_ext=False)")
 
 
 class CompiledOps(OpTable):
@@ -104,6 +117,25 @@ class CompiledOps(OpTable):
         torch.ops.partialfc.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, float(s),
                                                     float(m1), float(m2), float(m3), float(grad_scale),
                                                     float(filter_threshold))
+        return logits
+
+    @staticmethod
+    def margin_softmax_forward_adaptive(logits, target, s, m1, m2, m3, filter_threshold=0.0, sample_m2=None,
+                                        sample_m3=None, clip_eps=0.0, hard_threshold=None, hard_t=0.0):
+        _require_op("margin_softmax_forward_adaptive")
+        return torch.ops.partialfc.margin_softmax_forward_adaptive(
+            logits, target, float(s), float(m1), float(m2), float(m3), float(filter_threshold), sample_m2, sample_m3,
+            float(clip_eps), hard_threshold, float(hard_t))
+
+    @staticmethod
+    def margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
+                                         grad_scale, filter_threshold=0.0, sample_m2=None, sample_m3=None,
+                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0):
+        _require_op("margin_softmax_backward_adaptive")
+        torch.ops.partialfc.margin_softmax_backward_adaptive(
+            logits, target, global_max, global_sum_exp, target_cos, float(s), float(m1), float(m2), float(m3),
+            float(grad_scale), float(filter_threshold), sample_m2, sample_m3, float(clip_eps), hard_threshold,
+            float(hard_t))
         return logits
 
     @staticmethod

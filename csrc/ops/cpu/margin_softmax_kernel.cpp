@@ -677,10 +677,162 @@ void margin_softmax_backward_cpu(at::Tensor& logits, const at::Tensor& labels, c
   });
 }
 
+// ---- Adaptive margins (AdaFace, CurricularFace) ----
+// Per-sample margins and re-weighted negatives, in scalar loops over rows of any layout (class-major too,
+// then strided): the vectorized paths above stay those of the fixed margins, bit for bit.
+
+template <typename scalar_t>
+void forward_adaptive(at::Tensor& logits, const int64_t* labels, const AdaptiveInputs<at::opmath_type<scalar_t>>& in,
+                      double filter_threshold, at::Tensor& row_max, at::Tensor& sum_exp, at::Tensor& target_logit,
+                      at::Tensor& target_cos) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = logits.size(0), cols = logits.size(1), cs = logits.stride(1);
+  const acc_t thr = static_cast<acc_t>(filter_threshold), s = in.s;
+  const bool filter = filter_threshold > 0;
+  scalar_t* out_max = row_max.data_ptr<scalar_t>();
+  scalar_t* out_sum = sum_exp.data_ptr<scalar_t>();
+  scalar_t* out_tl = target_logit.data_ptr<scalar_t>();
+  scalar_t* out_tc = target_cos.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* row = row_ptr<scalar_t>(logits, r);
+      const int64_t t = labels[r];
+      TORCH_CHECK(t >= -1 && t < cols, "margin_softmax_forward_adaptive: labels[", r, "] = ", t, " is outside [-1, ",
+                  cols, ")");
+      const AdaptiveRow<acc_t> a = in.row(r);
+      // A non-target entry's logit, rounded to the storage type as a stored logit is.
+      auto negative = [&](acc_t stored) {
+        return a.hard ? static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(stored))) : stored;
+      };
+      const acc_t tc = t >= 0 ? clamp_to(static_cast<acc_t>(row[t * cs]), a.lo, a.hi) : acc_t(0);
+      const bool filter_row = filter && t >= 0;
+      acc_t mx = -std::numeric_limits<acc_t>::infinity(), tl = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        acc_t logit;
+        if (j == t) {
+          const scalar_t stored = static_cast<scalar_t>(a.target_value(tc) * s);
+          row[j * cs] = stored;
+          logit = tl = static_cast<acc_t>(stored);
+        } else {
+          acc_t v = clamp_to(static_cast<acc_t>(row[j * cs]), a.lo, a.hi);
+          if (filter_row && v > thr) v = 0;  // inter-class filtering
+          const scalar_t stored = static_cast<scalar_t>(v * s);
+          row[j * cs] = stored;
+          logit = negative(static_cast<acc_t>(stored));
+        }
+        mx = std::max(mx, logit);
+      }
+      acc_t sum = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t l = static_cast<acc_t>(row[j * cs]);
+        sum += std::exp((j == t ? l : negative(l)) - mx);
+      }
+      out_max[r] = static_cast<scalar_t>(mx);
+      out_sum[r] = static_cast<scalar_t>(sum);
+      out_tl[r] = static_cast<scalar_t>(tl);
+      out_tc[r] = static_cast<scalar_t>(tc);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_adaptive(at::Tensor& logits, const int64_t* labels, const at::Tensor& gmax, const at::Tensor& gsum,
+                       const at::Tensor& tcos, const AdaptiveInputs<at::opmath_type<scalar_t>>& in, double grad_scale,
+                       double filter_threshold) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = logits.size(0), cols = logits.size(1), cs = logits.stride(1);
+  const acc_t scale = static_cast<acc_t>(static_cast<double>(in.s) * grad_scale);
+  const bool filter = filter_threshold > 0;
+  const scalar_t *gm = gmax.const_data_ptr<scalar_t>(), *gs = gsum.const_data_ptr<scalar_t>(),
+                 *tc = tcos.const_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* row = row_ptr<scalar_t>(logits, r);
+      const int64_t t = labels[r];
+      TORCH_CHECK(t >= -1 && t < cols, "margin_softmax_backward_adaptive: labels[", r, "] = ", t, " is outside [-1, ",
+                  cols, ")");
+      const AdaptiveRow<acc_t> a = in.row(r);
+      const acc_t shift = static_cast<acc_t>(gm[r]), denom = static_cast<acc_t>(gs[r]);
+      // The clamp's bounds as stored: an entry there was clamped and gets no gradient.
+      const acc_t stored_lo = static_cast<acc_t>(static_cast<scalar_t>(a.lo * a.s));
+      const acc_t stored_hi = static_cast<acc_t>(static_cast<scalar_t>(a.hi * a.s));
+      const bool filter_row = filter && t >= 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t l = static_cast<acc_t>(row[j * cs]);
+        acc_t g;
+        if (j == t) {
+          g = (std::exp(l - shift) / denom - 1) * a.target_derivative(static_cast<acc_t>(tc[r])) * scale;
+        } else if (filter_row && l == 0) {
+          g = 0;  // a dropped (filtered) logit
+        } else if (a.clip && (l <= stored_lo || l >= stored_hi)) {
+          g = 0;
+        } else {
+          const acc_t logit = a.hard ? static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(l))) : l;
+          g = std::exp(logit - shift) / denom * a.negative_slope(l) * scale;
+        }
+        row[j * cs] = static_cast<scalar_t>(g);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_adaptive_cpu(
+    at::Tensor& logits, const at::Tensor& labels, double s, double m1, double m2, double m3, double filter_threshold,
+    const std::optional<at::Tensor>& sample_m2, const std::optional<at::Tensor>& sample_m3, double clip_eps,
+    const std::optional<at::Tensor>& hard_threshold, double hard_t) {
+  const char* op = "margin_softmax_forward_adaptive";
+  check_logits(logits, labels, op);
+  const at::Tensor sm2 = adaptive_vector(sample_m2, logits, "sample_m2", op);
+  const at::Tensor sm3 = adaptive_vector(sample_m3, logits, "sample_m3", op);
+  const at::Tensor hard = adaptive_vector(hard_threshold, logits, "hard_threshold", op);
+  const int64_t rows = logits.size(0);
+  auto opts = logits.options();
+  at::Tensor row_max = at::empty({rows}, opts), sum_exp = at::empty({rows}, opts);
+  at::Tensor target_logit = at::empty({rows}, opts), target_cos = at::empty({rows}, opts);
+  const auto dtype = logits.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_forward_adaptive", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = adaptive_inputs<acc_t>(sm2, sm3, hard, s, m1, m2, m3, clip_eps, hard_t, op);
+    if (rows == 0) return;
+    const at::Tensor lab = labels.contiguous();
+    forward_adaptive<scalar_t>(logits, lab.const_data_ptr<int64_t>(), in, filter_threshold, row_max, sum_exp,
+                               target_logit, target_cos);
+  });
+  return {row_max, sum_exp, target_logit, target_cos};
+}
+
+void margin_softmax_backward_adaptive_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& global_max,
+                                          const at::Tensor& global_sum_exp, const at::Tensor& target_cos, double s,
+                                          double m1, double m2, double m3, double grad_scale, double filter_threshold,
+                                          const std::optional<at::Tensor>& sample_m2,
+                                          const std::optional<at::Tensor>& sample_m3, double clip_eps,
+                                          const std::optional<at::Tensor>& hard_threshold, double hard_t) {
+  const char* op = "margin_softmax_backward_adaptive";
+  check_logits(logits, labels, op);
+  const int64_t rows = logits.size(0);
+  check_vector(global_max, rows, "global_max", op);
+  check_vector(global_sum_exp, rows, "global_sum_exp", op);
+  check_vector(target_cos, rows, "target_cos", op);
+  const at::Tensor sm2 = adaptive_vector(sample_m2, logits, "sample_m2", op);
+  const at::Tensor sm3 = adaptive_vector(sample_m3, logits, "sample_m3", op);
+  const at::Tensor hard = adaptive_vector(hard_threshold, logits, "hard_threshold", op);
+  const auto dtype = logits.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_backward_adaptive", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = adaptive_inputs<acc_t>(sm2, sm3, hard, s, m1, m2, m3, clip_eps, hard_t, op);
+    if (rows == 0 || logits.size(1) == 0) return;
+    const at::Tensor gm = global_max.to(dtype).contiguous(), gs = global_sum_exp.to(dtype).contiguous();
+    const at::Tensor tc = target_cos.to(dtype).contiguous(), lab = labels.contiguous();
+    backward_adaptive<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, in, grad_scale, filter_threshold);
+  });
+}
+
 }  // namespace
 }  // namespace partialfc
 
 TORCH_LIBRARY_IMPL(partialfc, CPU, m) {
   m.impl("margin_softmax_forward", &partialfc::margin_softmax_forward_cpu);
   m.impl("margin_softmax_backward", &partialfc::margin_softmax_backward_cpu);
+  m.impl("margin_softmax_forward_adaptive", &partialfc::margin_softmax_forward_adaptive_cpu);
+  m.impl("margin_softmax_backward_adaptive", &partialfc::margin_softmax_backward_adaptive_cpu);
 }

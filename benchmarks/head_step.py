@@ -2,6 +2,12 @@
 
     python benchmarks/head_step.py                       # CPU: D=512, B=128, r=0.1 at 100K and 1M classes
     python benchmarks/head_step.py --device cuda         # GPU: B=512 at 1M and 10M classes
+    python benchmarks/head_step.py --device cuda --dtype bfloat16   # the step under bf16 autocast
+
+--dtype bfloat16 / float16 runs each variant's step as training runs it under amp_dtype: the embeddings are
+made in that dtype (a backbone's output under autocast) and the forward runs under torch.autocast of that
+dtype, so the head's GEMMs run in it (float16: CUDA only, with a fixed loss scale passed to the optimizer, as
+a GradScaler would); the gemm floor computes its three products in it. float32 (the default) is no autocast.
 
 For each class count it runs, each in its own subprocess (so that peak memory is measured per variant):
   (a) fused      PartialFC + SparseSGD on the compiled kernels of partialfc._C
@@ -37,6 +43,15 @@ VARIANTS = ("fused", "reference", "dense", "gemm")
 MECHANISMS = {"fused_no_reuse": dict(reuse_buffers=False), "fused_no_thp": dict(huge_pages=False),
               "fused_row_major": dict(class_major=False)}
 MARGIN = (64.0, 1.0, 0.5, 0.0)  # ArcFace
+DTYPES = ("float32", "bfloat16", "float16")
+# float16 training scales the loss (GradScaler) so that small gradients survive the float16 GEMMs; a fixed
+# power of two does the same here, and the optimizers divide it out.
+LOSS_SCALE = {"float16": 1024.0}
+
+
+def _autocast(torch, device, dtype_name):
+    """The forward's context: torch.autocast of the benchmark's dtype, or nothing for float32."""
+    return torch.autocast(device.type, dtype=getattr(torch, dtype_name), enabled=dtype_name != "float32")
 
 
 def _rss_bytes():
@@ -48,8 +63,9 @@ def _peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _dense_v2_step_factory(torch, num_classes, dim, rate, device, table=None):
-    """arcface_torch PartialFC_V2 (one rank): dense Parameter, rand + topk sampling, torch.optim.SGD."""
+def _dense_v2_step_factory(torch, num_classes, dim, rate, device, table=None, dtype_name="float32"):
+    """arcface_torch PartialFC_V2 (one rank): dense Parameter, rand + topk sampling, torch.optim.SGD; the
+    forward under autocast of ``dtype_name``, as arcface_torch trains with fp16/bf16."""
     import torch.nn.functional as F
 
     if table is None:
@@ -58,8 +74,18 @@ def _dense_v2_step_factory(torch, num_classes, dim, rate, device, table=None):
     opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
     num_sample = int(rate * num_classes)
     s, m1, m2, m3 = MARGIN
+    loss_scale = LOSS_SCALE.get(dtype_name, 1.0)
 
     def step(embeddings, labels):
+        with _autocast(torch, device, dtype_name):
+            loss = _dense_v2_loss(embeddings, labels)
+        (loss * loss_scale).backward()
+        if loss_scale != 1.0:
+            weight.grad.div_(loss_scale)  # what GradScaler.unscale_ does
+        opt.step()
+        opt.zero_grad()
+
+    def _dense_v2_loss(embeddings, labels):
         with torch.no_grad():
             positive = torch.unique(labels, sorted=True)
             perm = torch.rand(num_classes, device=device)
@@ -76,11 +102,9 @@ def _dense_v2_step_factory(torch, num_classes, dim, rate, device, table=None):
             angle = m1 * theta + m2
         final = torch.where(angle <= math.pi, torch.cos(m1 * torch.acos(target_logit) + m2) - m3,
                             target_logit - m3 - m2 * math.sin(m2))
-        logits = logits.index_put((rows, target), final) * s
-        loss = F.cross_entropy(logits, target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        # Under autocast acos/cos may run in float32 while the logits are in the compute dtype.
+        logits = logits.index_put((rows, target), final.to(logits.dtype)) * s
+        return F.cross_entropy(logits, target)
 
     return step
 
@@ -90,6 +114,7 @@ def _build(torch, variant, args, device, shared=None):
     the class-center table and its momentum, so that all of them fit in memory together."""
     classes, dim, batch, rate = args.classes, args.dim, args.batch, args.rate
     shared = {} if shared is None else shared
+    loss_scale = LOSS_SCALE.get(args.dtype, 1.0)
     if variant in ("fused", "reference") or variant in MECHANISMS:
         # Only the head's public API here, so that --baseline-tree can run this variant on another checkout.
         from partialfc.head import PartialFC, SparseSGD
@@ -115,22 +140,26 @@ def _build(torch, variant, args, device, shared=None):
         shared.setdefault("momentum", opt.momentum_buffer())  # allocated up front, like the dense table
 
         def step(x, y):
-            pfc(x, y).backward()
-            opt.step()
+            with _autocast(torch, device, args.dtype):
+                loss = pfc(x, y)
+            (loss * loss_scale).backward()
+            opt.step(grad_scale=loss_scale)
             opt.zero_grad()
         return step
     if variant == "dense":
-        return _dense_v2_step_factory(torch, classes, dim, rate, device, shared.get("weight"))
+        return _dense_v2_step_factory(torch, classes, dim, rate, device, shared.get("weight"), args.dtype)
     from partialfc.ops import op_table
 
     table = op_table(device)
     num_sample = int(rate * classes)
-    centers = torch.nn.functional.normalize(torch.randn(num_sample, dim, device=device))
-    grad_x = torch.empty(batch, dim, device=device)
-    grad_centers = torch.empty(num_sample, dim, device=device)
+    # In the compute dtype, as the head's GEMMs run under autocast.
+    compute = getattr(torch, args.dtype)
+    centers = torch.nn.functional.normalize(torch.randn(num_sample, dim, device=device)).to(compute)
+    grad_x = torch.empty(batch, dim, device=device, dtype=compute)
+    grad_centers = torch.empty(num_sample, dim, device=device, dtype=compute)
     # [B, S] in the fused path's layout (on CPU the transpose of an [S, B] buffer), the products computed the
     # way the head computes them
-    logits = table.empty_logits("logits", batch, num_sample, torch.float32)
+    logits = table.empty_logits("logits", batch, num_sample, compute)
 
     def step(x, y):
         xd = x.detach()
@@ -142,7 +171,8 @@ def _build(torch, variant, args, device, shared=None):
 
 def _batches(torch, args, device):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(args.batch, args.dim, generator=g).to(device).requires_grad_(),
+    dtype = getattr(torch, args.dtype)
+    return [(torch.randn(args.batch, args.dim, generator=g).to(device=device, dtype=dtype).requires_grad_(),
              torch.randint(0, args.classes, (args.batch,), generator=g).to(device)) for _ in range(4)]
 
 
@@ -218,7 +248,7 @@ def _subprocess(args, mode, classes, steps, variants=None, tree=ROOT):
     """One worker process; ``tree`` is the checkout whose ``partialfc`` it imports."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--classes", str(classes),
            "--device", args.device, "--batch", str(args.batch), "--dim", str(args.dim), "--rate", str(args.rate),
-           "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--dtype", args.dtype,
            "--variants", *(variants or args.variants)]
     env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # Same environment for every variant. On a machine shared with other jobs, OpenMP threads that spin at
@@ -255,6 +285,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, help="global batch (default: 128 on CPU, 512 on GPU)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--rate", type=float, default=0.1)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="autocast dtype of the embeddings and the head's compute (float16: CUDA only)")
     parser.add_argument("--steps", type=int, default=7, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=3, help="steps of each variant's memory run")
@@ -271,6 +303,9 @@ def main(argv=None):
     parser.add_argument("--worker", choices=VARIANTS + tuple(MECHANISMS) + ("interleaved",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
+    if args.dtype == "float16" and not gpu:
+        parser.error("--dtype float16 needs --device cuda (float16 autocast on the CPU is not how training runs "
+                     "there; use bfloat16)")
     args.batch = args.batch or (512 if gpu else 128)
     if args.worker:
         args.variant, args.classes = args.worker, args.classes[0]
@@ -279,7 +314,7 @@ def main(argv=None):
     if args.mechanisms and not gpu:
         args.variants = list(dict.fromkeys(list(args.variants) + ["fused", *MECHANISMS]))
 
-    print(f"head step: D={args.dim} B={args.batch} r={args.rate} device={args.device} "
+    print(f"head step: D={args.dim} B={args.batch} r={args.rate} device={args.device} dtype={args.dtype} "
           f"(median of {args.steps} steps after {args.warmup} warm-up steps; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, huge pages {'on' if args.thp else 'off'})")
     results = []
@@ -310,8 +345,8 @@ def main(argv=None):
             _compare_trees(args, classes)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=args.device, batch=args.batch, dim=args.dim, rate=args.rate, results=results), f,
-                      indent=1)
+            json.dump(dict(device=args.device, dtype=args.dtype, batch=args.batch, dim=args.dim, rate=args.rate,
+                           results=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -182,12 +182,12 @@ class DistillCheckpointer(Checkpointer):
         super().__init__(*args, **kwargs)
         self.projection = projection
 
-    def save(self, step, epoch, batch_in_epoch):
+    def save(self, step, *args, **kwargs):
         if self.comm.rank == 0:
             folder = step_dir(self.output, step)
             os.makedirs(folder, exist_ok=True)
             save_atomic(self.projection.state_dict(), os.path.join(folder, self.FILE))
-        super().save(step, epoch, batch_in_epoch)
+        super().save(step, *args, **kwargs)
 
     def resume(self):
         progress = super().resume()

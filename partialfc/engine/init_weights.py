@@ -152,7 +152,8 @@ def _shard_files(path):
         folder, names = path, sorted(os.listdir(path))
         layouts = _SHARD_LAYOUTS
     elif os.path.isfile(path):
-        folder, names = os.path.dirname(os.path.abspath(path)), sorted(os.listdir(os.path.dirname(os.path.abspath(path))))
+        folder = os.path.dirname(os.path.abspath(path))
+        names = sorted(os.listdir(folder))
         base = os.path.basename(path)
         layouts = [next(((t, r) for t, r in _SHARD_LAYOUTS if _pattern(t).fullmatch(base)), (None, None))]
         if layouts[0][0] is None:
@@ -202,7 +203,8 @@ def read_center_shards(path):
             why = (f"{files[next(iter(declared))]} says world_size {declared[next(iter(declared))]}"
                    if declared else f"rank files up to {max(files)} are present")
             raise InitWeightsError(f"init_centers {folder}: the file of rank {rank} of {world_size}, "
-                                   f"{os.path.join(folder, template.format(rank))}, is missing ({why}, {len(files)} found)")
+                                   f"{os.path.join(folder, template.format(rank))}, is missing ({why}, "
+                                   f"{len(files)} found)")
     for rank, w in declared.items():
         if int(w) != world_size:
             raise InitWeightsError(f"init_centers {files[rank]}: world_size {w} in the file, {world_size} rank "

@@ -42,9 +42,34 @@ def enabled():
 
 
 def supports(device):
-    """True when the extension has kernels for tensors on ``device``."""
+    """True when the extension has kernels for tensors on ``device``: for a GPU, kernels built for its
+    architecture (machine code of its generation, or PTX the driver can compile for it)."""
     device = torch.device(device)
-    return device.type == "cpu" or (device.type == "cuda" and with_cuda())
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or not with_cuda():
+        return False
+    return cuda_kernels_for(torch.cuda.get_device_capability(device))
+
+
+_WARNED_ARCH = set()
+
+
+def cuda_kernels_for(capability, arch_list=None):
+    """True when the build serves a GPU of ``capability``; warns once per capability when it does not (the
+    run then uses the reference ops). A build that did not record its architectures is trusted."""
+    from .cuda_archs import built_arch_list, covers
+    arch_list = built_arch_list() if arch_list is None else arch_list
+    if arch_list is None or covers(capability, arch_list):
+        return True
+    if tuple(capability) not in _WARNED_ARCH:
+        _WARNED_ARCH.add(tuple(capability))
+        warnings.warn(f"partialfc: the compiled kernels were built for CUDA architectures {arch_list!r}, which "
+                      f"cannot run on this GPU (compute capability {capability[0]}.{capability[1]}); using the "
+                      f"pure-PyTorch reference ops. Rebuild with TORCH_CUDA_ARCH_LIST="
+                      f"\"{capability[0]}.{capability[1]}\" python setup.py build_ext --inplace", RuntimeWarning,
+                      stacklevel=3)
+    return False
 
 
 if _C is None and not disabled_by_env():

@@ -44,3 +44,13 @@ def test_parse_arch_list():
     assert parse_arch_list("7.5 8.6") == [(7, 5, False), (8, 6, False)]
     with pytest.raises(ValueError, match="bad CUDA architecture 'sm_90'"):
         parse_arch_list("sm_90")
+
+
+def test_a_gpu_the_build_cannot_serve_falls_back_with_a_warning():
+    from partialfc.ops import extension
+
+    assert extension.cuda_kernels_for((9, 0), "8.0;9.0")
+    assert extension.cuda_kernels_for((12, 0), None)  # a build that recorded nothing is trusted
+    with pytest.warns(RuntimeWarning, match=r"built for CUDA architectures '8.0;9.0', which cannot run on this GPU "
+                                            r"\(compute capability 7.5\).*TORCH_CUDA_ARCH_LIST=\"7.5\""):
+        assert not extension.cuda_kernels_for((7, 5), "8.0;9.0")

@@ -6,7 +6,7 @@
 
 Launched like training, it prints each rank's host, device, communicator backend and network interface;
 checks that ``partialfc._C`` is loaded and runs on the device (for a GPU, that its architecture is among
-torch's build targets); runs allgather, reduce_scatter and allreduce with known values and reports their
+torch's build targets and the extension's recorded ``TORCH_CUDA_ARCH_LIST``); runs allgather, reduce_scatter and allreduce with known values and reports their
 correctness and bandwidth; and, with a config, reads a batch of the training data (``rec``) on every rank
 and loads each verification ``.bin`` on rank 0. It ends with ``doctor: OK`` (exit status 0) or ``doctor: N
 problem(s)`` with advice for each (exit status 1).
@@ -91,14 +91,21 @@ def check_extension(report, device):
             report.problem("partialfc._C was built without CUDA kernels",
                            "rebuild on a machine with the CUDA toolkit (nvcc) so the CUDA kernels are compiled")
             return
+        from partialfc.ops.cuda_archs import built_arch_list, covers
         major, minor = torch.cuda.get_device_capability(device)
-        arch, archs = f"sm_{major}{minor}", torch.cuda.get_arch_list()
+        name, arch, archs = torch.cuda.get_device_name(device), f"sm_{major}{minor}", torch.cuda.get_arch_list()
         ptx = [a for a in archs if a.startswith("compute_") and int(a[8:]) <= major * 10 + minor]
         if arch not in archs and not ptx:
-            report.problem(f"{torch.cuda.get_device_name(device)} is {arch}, not among torch's build targets "
-                           f"{archs}", "install a torch build for this GPU, then rebuild partialfc._C")
-        report.line(f"cuda {torch.version.cuda}, {torch.cuda.get_device_name(device)} ({arch}); torch built "
-                    f"for {' '.join(archs)}")
+            report.problem(f"{name} is {arch}, not among torch's build targets {archs}",
+                           "install a torch build for this GPU, then rebuild partialfc._C")
+        built = built_arch_list()
+        if built is not None and not covers((major, minor), built):
+            report.problem(f"partialfc._C was built for CUDA architectures {built!r}, which cannot run on {name} "
+                           f"({major}.{minor}): training would fall back to the reference ops",
+                           f'rebuild: TORCH_CUDA_ARCH_LIST="{major}.{minor}" python setup.py build_ext --inplace')
+            return
+        report.line(f"cuda {torch.version.cuda}, {name} ({arch}); torch built for {' '.join(archs)}; "
+                    f"partialfc._C for {built if built is not None else 'unrecorded architectures'}")
     # A kernel call on the device: a missing architecture or a broken build fails here.
     try:
         weight = torch.randn(8, 4, device=device)

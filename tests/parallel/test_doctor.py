@@ -81,3 +81,20 @@ def test_an_extension_that_did_not_load_is_named(monkeypatch, capsys):
     assert ("rank(s) [0]: the compiled kernels partialfc._C are not loaded (ImportError: libcudart.so.12: cannot "
             "open shared object file)\n    advice: build them") in out
     assert "doctor: 1 problem(s)" in out and "[rank 0/1] allgather: correct" in out
+
+
+def test_a_gpu_the_extension_was_not_built_for_is_named(monkeypatch):
+    import torch
+    from partialfc.ops import cuda_archs
+    monkeypatch.delenv("PARTIALFC_DISABLE_EXT", raising=False)
+    monkeypatch.setattr(extension, "with_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
+    monkeypatch.setattr(cuda_archs, "built_arch_list", lambda: "7.0;8.0")
+    report = doctor.Report(0)
+    doctor.check_extension(report, torch.device("cuda", 0))
+    assert report.problems == [(
+        "partialfc._C was built for CUDA architectures '7.0;8.0', which cannot run on NVIDIA H200 (9.0): training "
+        "would fall back to the reference ops",
+        'rebuild: TORCH_CUDA_ARCH_LIST="9.0" python setup.py build_ext --inplace')]

@@ -449,3 +449,23 @@ def test_interrupted_and_resumed_adamw_run_gives_the_same_losses(tmp_path):
         assert rest[step] == pytest.approx(full[step], abs=1e-6), (step, rest, full)
     state = resumed.pfc_optimizer.state[resumed.pfc.weight]
     assert int(state["row_step"].max()) <= 6 and int(state["row_step"].sum()) > 0
+
+
+@pytest.mark.parametrize("margin_type", ["adaface", "curricularface"])
+def test_resumed_adaptive_margin_run_keeps_its_running_statistics(tmp_path, margin_type):
+    margin = dict(margin_type=margin_type, save_every=3)
+    full_trainer, full = _train(_tiny_config(tmp_path / "a", **margin))
+    interrupted = _tiny_config(tmp_path / "b", **margin)
+    first, _ = _train(interrupted, stop_at=4)
+    resumed = Trainer(Config(interrupted, resume=True))
+    saved = checkpoint.load(os.path.join(checkpoint.step_dir(interrupted.output, 3), "trainer.pt"))["head"]
+    assert saved and set(saved) == set(resumed.pfc.head_state())
+    for name, value in resumed.pfc.head_state().items():  # restored, not the initial values
+        assert torch.equal(value, saved[name]), name
+    hook = _Losses()
+    resumed.register_hooks([hook])
+    resumed.train()
+    for step in (4, 5, 6):
+        assert hook.losses[step] == pytest.approx(full[step], abs=1e-6), (step, hook.losses, full)
+    for name, value in resumed.pfc.head_state().items():
+        torch.testing.assert_close(value, full_trainer.pfc.head_state()[name], atol=1e-6, rtol=0)

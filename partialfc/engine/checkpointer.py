@@ -225,6 +225,7 @@ class Checkpointer:
                          step=step, epoch=epoch, batch_in_epoch=sample_in_epoch // global_batch,
                          sample_in_epoch=sample_in_epoch, global_batch=global_batch, world_size=comm.size,
                          num_classes=self.pfc.num_classes, run_id=self.run_id,
+                         head={k: v.cpu() for k, v in self.pfc.head_state().items()},  # same on every rank
                          config=json.dumps(self.config, default=str))
             try:
                 save_atomic(state, os.path.join(folder, "trainer.pt"))
@@ -246,6 +247,19 @@ class Checkpointer:
             else:
                 self.log(f"checkpoint {folder} not sealed: the model or the class centers hold non-finite values")
         self._agree(error, folder, "the manifest")
+
+    def _restore_head_state(self, folder, saved):
+        """The adaptive margins' running statistics; those of another margin do not apply and are dropped."""
+        wanted = set(self.pfc.head_state())
+        if set(saved) == wanted:
+            if saved:
+                self.pfc.load_head_state(saved)
+        elif wanted:
+            self.log(f"{folder} holds no running statistics for this run's margin ({', '.join(sorted(wanted))}); "
+                     f"they start from their initial values")
+        else:
+            self.log(f"{folder} holds running statistics of another margin ({', '.join(sorted(saved))}); "
+                     f"this run's margin has none, so they are dropped")
 
     def sample_in_epoch(self, epoch, batch_in_epoch):
         """Images of ``epoch`` consumed after ``batch_in_epoch`` batches of this run: a run resumed inside
@@ -283,6 +297,7 @@ class Checkpointer:
             self.scaler.load_state_dict(trainer["scaler"])
         with torch.no_grad():
             self.pfc.weight.copy_(mine["weight"])
+        self._restore_head_state(folder, trainer.get("head") or {})
         self.pfc.sampler.set_state(mine["sampler"])
         torch.set_rng_state(mine["torch_rng"])
         if self.device.type == "cuda":

@@ -1,0 +1,124 @@
+"""benchmarks/gpu_check.sh, checked without a GPU: its syntax, its stages, the files it names, its training
+overrides (a valid config that needs no Horovod), and its backbone-only timing snippet run on the CPU."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from partialfc.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+STAGES = ["versions", "build", "tests_ops_cuda", "tests_cuda_ops", "tests_partial_fc_cuda", "sanitizer",
+          "head_step_bf16", "train_head", "backbone_only"]
+
+
+@pytest.fixture(scope="module")
+def text():
+    with open(SCRIPT) as f:
+        return f.read()
+
+
+def heredoc(text, opener):
+    """The body of the ``<<'PY'`` here-document on the line that contains ``opener``."""
+    start = text.index(opener)
+    body_start = text.index("\n", text.index("<<'PY'", start)) + 1
+    return text[body_start:text.index("\nPY\n", body_start) + 1]
+
+
+def train_overrides(text):
+    """The script's ``TRAIN_OVERRIDES`` array as bash expands it (GPU_CHECK_TRAIN_STEPS at its default 40)."""
+    block = re.search(r"^TRAIN_OVERRIDES=\(\n.*?^\)\n", text, re.M | re.S).group(0)
+    proc = subprocess.run(["bash", "-c", 'TRAIN_STEPS=40\n' + block + 'printf "%s\\n" "${TRAIN_OVERRIDES[@]}"'],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.splitlines()
+
+
+def test_bash_syntax():
+    bash = shutil.which("bash")
+    assert bash, "bash not found"
+    proc = subprocess.run([bash, "-n", SCRIPT], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_stage_runs_in_order_under_a_timeout(text):
+    names = re.findall(r"^run_stage (\w+) (\d+) ", text, re.M)
+    assert [name for name, _ in names] == STAGES
+    assert all(0 < int(cap) <= 300 for _, cap in names)
+    assert "timeout --kill-after" in text and 'BUDGET=${GPU_CHECK_BUDGET_S:-420}' in text
+    # What each stage has to run.
+    for needle in ("torch.cuda.get_device_capability()", "TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=16",
+                   "setup.py build_ext --inplace", "compute-sanitizer --tool memcheck",
+                   "benchmarks/head_step.py --device cuda --dtype bfloat16",
+                   "--classes 1000000 10000000 --batch 512 --variants fused dense gemm --json",
+                   "-m torch.distributed.run --standalone --nproc_per_node=1 -m partialfc.train",
+                   "tests/ops -k \"cuda and not compile\"", "tests/ops/test_cuda_ops.py",
+                   "tests/test_partial_fc.py -k cuda", 'OUTDIR=${1:-${OUT:-$ROOT/gpu_check_out}}', "summary.txt"):
+        assert needle in text, needle
+    # figures() reads key figures off every stage's log.
+    body = text[text.index("figures() {"):text.index("\n}\n", text.index("figures() {"))]
+    cases = set(re.findall(r"^    ([\w*]+)\)", body, re.M))
+    for stage in STAGES:
+        assert stage in cases or (stage.startswith("tests_") and "tests_*" in cases), stage
+
+
+def test_it_names_only_files_that_exist(text):
+    paths = set(re.findall(r"(?<![\w/.$])((?:benchmarks|tests|configs|partialfc|csrc|docs)/[\w./-]*\w)", text))
+    paths |= {"setup.py"} if "setup.py" in text else set()
+    assert {"benchmarks/head_step.py", "tests/ops/test_cuda_ops.py", "configs/partial_fc_1millions_8gpu_r50.py",
+            "tests/test_partial_fc.py", "setup.py"} <= paths
+    missing = sorted(p for p in paths if not os.path.exists(os.path.join(ROOT, p)))
+    assert not missing, f"gpu_check.sh names files that do not exist: {missing}"
+    # Modules run with -m, and the Python modules the snippets import.
+    modules = set(re.findall(r"-m (partialfc(?:\.\w+)+)", text))
+    modules |= set(re.findall(r"^from (partialfc(?:\.\w+)*) import", text, re.M))
+    assert "partialfc.train" in modules
+    for module in modules:
+        base = os.path.join(ROOT, *module.split("."))
+        assert os.path.exists(base + ".py") or os.path.isdir(base), module
+
+
+def test_training_overrides_make_a_valid_random_r50_bf16_config_without_horovod(text):
+    config_path = re.search(r"^TRAIN_CONFIG=(\S+)", text, re.M).group(1)
+    config = load_config(os.path.join(ROOT, config_path), train_overrides(text) + ["output=/nonexistent/run"])
+    assert (config.rec, config.network, config.num_classes, config.sample_rate) == ("random", "r50", 2_000_000, 0.1)
+    assert config.num_image and config.amp_dtype == "bfloat16" and config.comm_backend == "torch"
+    assert config.max_steps == 40 and config.val_targets == [] and config.verbose == 0
+    assert "horovodrun" not in text and "comm_backend=torch" in text
+
+
+def test_training_imports_and_backend_choice_need_no_horovod():
+    # horovod made unimportable: the trainer imports, and torchrun's environment selects torch.distributed.
+    code = ("import os, sys\n"
+            "sys.modules['horovod'] = None\nsys.modules['horovod.torch'] = None\n"
+            "import partialfc.train, partialfc.comm\n"
+            "os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0')\n"
+            "print(partialfc.comm._launcher_backend())\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "torch"
+
+
+def test_backbone_snippet_times_the_backbone_on_cpu(text, tmp_path):
+    snippet = tmp_path / "backbone_only.py"
+    snippet.write_text(heredoc(text, "write_backbone_snippet() {"))
+    config_path = re.search(r"^TRAIN_CONFIG=(\S+)", text, re.M).group(1)
+    # The script's overrides, made CPU-sized: one process, r18, a batch of 2.
+    overrides = train_overrides(text) + ["comm_backend=single", "device=cpu", "network=r18", "batch_size=2",
+                                         f"output={tmp_path / 'run'}"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(snippet), "1", "2", config_path, *overrides], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"backbone only: r18 batch 2 amp torch\.bfloat16: ([0-9.]+) samples/s "
+                         r"\(mean ([0-9.]+) ms/step, median ([0-9.]+) ms over 2 steps after 1\)", line)
+    assert match, line
+    rate, mean_ms = float(match.group(1)), float(match.group(2))
+    assert rate > 0 and rate == pytest.approx(2 / (mean_ms / 1e3), rel=0.01)

@@ -96,16 +96,20 @@ run_stage() {
   log "$name: $status in ${wall}s"
 }
 
+# pytest's closing line ("3 failed, 40 passed, 2 skipped in 12.3s"), with or without its '=' rule.
+pytest_counts() {
+  grep -E '([0-9]+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed)|no tests ran).* in [0-9.]+s' "$1" \
+    | tail -1 | tr -d '=' | sed 's/^ *//; s/ *$//'
+}
+
 # Key figures of a stage, read off its log.
 figures() {
   local name=$1 logfile=$2
   case $name in
     versions) grep -E '^(gpu|torch|nvcc):' "$logfile" | tr '\n' ';' ;;
     build) grep -E '^(built|TORCH_CUDA_ARCH_LIST)' "$logfile" | tr '\n' ';' ;;
-    tests_*) grep -E '^=+ .*(passed|failed|error|skipped|deselected|no tests).* =+$' "$logfile" | tail -1 \
-               | tr -d '=' | sed 's/^ *//; s/ *$//' ;;
-    sanitizer) { grep -E 'ERROR SUMMARY' "$logfile" | tail -1
-                 grep -E '^=+ .*(passed|failed).* =+$' "$logfile" | tail -1 | tr -d '='; } | tr '\n' ';' ;;
+    tests_*) pytest_counts "$logfile" ;;
+    sanitizer) { grep -E 'ERROR SUMMARY' "$logfile" | tail -1; pytest_counts "$logfile"; } | tr '\n' ';' ;;
     head_step_bf16) grep -E '^[0-9,]+ classes|^  (fused|dense|gemm) |^  (dense / fused|fused / gemm)' "$logfile" \
                       | sed 's/  */ /g' | tr '\n' ';' ;;
     train_head) grep -Eo 'step [0-9]+/[0-9]+ .*' "$logfile" | tail -1 \
@@ -252,7 +256,8 @@ run_stage backbone_only 90 "$PY" -m torch.distributed.run --standalone --nproc_p
     IFS='|' read -r name status wall figs <<<"$row"
     printf '%-22s %-26s %6s  %s\n' "$name" "$status" "$wall" "$figs"
   done
-  train=$(grep -Eo 'speed [0-9.]+ samples/s' "$LOGS/train_head.log" 2>/dev/null | tail -1 | grep -Eo '[0-9.]+' | head -1)
+  train=$(grep -Eo 'speed [0-9.]+ samples/s' "$LOGS/train_head.log" 2>/dev/null | tail -1 | grep -Eo '[0-9.]+' \
+            | head -1)
   alone=$(grep -E '^backbone only' "$LOGS/backbone_only.log" 2>/dev/null | grep -Eo '[0-9.]+ samples/s' \
             | grep -Eo '^[0-9.]+')
   if [[ -n ${train:-} && -n ${alone:-} ]]; then

@@ -121,4 +121,34 @@ def test_backbone_snippet_times_the_backbone_on_cpu(text, tmp_path):
                          r"\(mean ([0-9.]+) ms/step, median ([0-9.]+) ms over 2 steps after 1\)", line)
     assert match, line
     rate, mean_ms = float(match.group(1)), float(match.group(2))
-    assert rate > 0 and rate == pytest.approx(2 / (mean_ms / 1e3), rel=0.01)
+    assert rate > 0 and rate == pytest.approx(2 / (mean_ms / 1e3), rel=0.01, abs=0.05)  # printed to 0.1
+
+
+def test_summary_figures_are_read_off_each_kind_of_log(text, tmp_path):
+    """figures() on logs in the formats pytest -q, compute-sanitizer, head_step.py and the trainer print."""
+    logs = {
+        "tests_cuda_ops": "..F.\n=== short test summary info ===\nFAILED a::b\n"
+                          "1 failed, 12 passed, 3 deselected in 6.99s\n",
+        "sanitizer": "========= ERROR SUMMARY: 0 errors\n===== 30 passed, 8 deselected in 50.1s =====\n",
+        "head_step_bf16": "\n1,000,000 classes (S = 100,000 sampled)\n  variant  median ms  alone ms  peak extra MiB\n"
+                          "  fused   14.0  16.6  21\n  dense / fused            = 8.070x (paired 7.043x)\n",
+        "train_head": "05:29:52 step 40/40  epoch 0  loss 34.7969  lr 0.00000  speed 2950.3 samples/s  eta 0.00h  "
+                      "peak mem 31003 MB\n",
+        "backbone_only": "backbone only: r50 batch 128 amp torch.bfloat16: 3300.5 samples/s (mean 38.78 ms/step, "
+                         "median 38.70 ms over 30 steps after 5)\n",
+    }
+    functions = "".join(re.findall(r"^(?:pytest_counts|figures)\(\) \{\n.*?^\}\n", text, re.M | re.S))
+    assert functions.count("() {") == 2
+    got = {}
+    for stage, content in logs.items():
+        path = tmp_path / f"{stage}.log"
+        path.write_text(content)
+        proc = subprocess.run(["bash", "-c", functions + f'figures {stage} "{path}"'], capture_output=True,
+                              text=True, check=True)
+        got[stage] = proc.stdout.strip()
+    assert got["tests_cuda_ops"] == "1 failed, 12 passed, 3 deselected in 6.99s"
+    assert got["sanitizer"] == "========= ERROR SUMMARY: 0 errors;30 passed, 8 deselected in 50.1s;"
+    assert got["head_step_bf16"] == ("1,000,000 classes (S = 100,000 sampled); fused 14.0 16.6 21; "
+                                     "dense / fused = 8.070x (paired 7.043x);")
+    assert got["train_head"] == "step 40/40;loss 34.7969;speed 2950.3 samples/s;peak mem 31003 MB;"
+    assert got["backbone_only"] == logs["backbone_only"].strip()

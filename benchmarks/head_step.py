@@ -79,8 +79,10 @@ def _dense_v2_step_factory(torch, num_classes, dim, rate, device, table=None, dt
     def step(embeddings, labels):
         with _autocast(torch, device, dtype_name):
             loss = _dense_v2_loss(embeddings, labels)
-        (loss * loss_scale).backward()
-        if loss_scale != 1.0:
+        if loss_scale == 1.0:
+            loss.backward()
+        else:
+            (loss * loss_scale).backward()
             weight.grad.div_(loss_scale)  # what GradScaler.unscale_ does
         opt.step()
         opt.zero_grad()
@@ -142,8 +144,13 @@ def _build(torch, variant, args, device, shared=None):
         def step(x, y):
             with _autocast(torch, device, args.dtype):
                 loss = pfc(x, y)
-            (loss * loss_scale).backward()
-            opt.step(grad_scale=loss_scale)
+            if loss_scale == 1.0:
+                # Unscaled: step() without grad_scale, which the head of a --baseline-tree checkout may lack.
+                loss.backward()
+                opt.step()
+            else:
+                (loss * loss_scale).backward()
+                opt.step(grad_scale=loss_scale)
             opt.zero_grad()
         return step
     if variant == "dense":

@@ -28,8 +28,8 @@ import torch
 from ..eval.model_io import CheckpointError, load_backbone_state_dict
 from ..head.partial_fc import partition_classes
 
-__all__ = ["InitWeightsError", "load_backbone_weights", "load_center_shard", "read_center_shards",
-           "resolve_backbone_file"]
+__all__ = ["InitWeightsError", "check_backbone_state", "load_backbone_weights", "load_center_shard",
+           "read_center_shards", "resolve_backbone_file"]
 
 
 class InitWeightsError(CheckpointError):

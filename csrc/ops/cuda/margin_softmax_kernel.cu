@@ -30,7 +30,7 @@ __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ lab
   const int64_t r = blockIdx.x;
   scalar_t* row = logits + r * rs;
   const int64_t t = labels[r];
-  CUDA_KERNEL_ASSERT(t >= -1 && t < cols);
+  // t in [-1, cols): checked on the host before the launch
   const bool filter_row = filter && t >= 0;
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   acc_t tl = 0, tc = 0;
@@ -78,7 +78,7 @@ __global__ void backward_kernel(scalar_t* logits, const int64_t* __restrict__ la
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (j >= cols) return;
   const int64_t t = labels[r];
-  CUDA_KERNEL_ASSERT(t >= -1 && t < cols);
+  // t in [-1, cols): checked on the host before the launch
   scalar_t* p = logits + r * rs + j * cs;
   const acc_t l = static_cast<acc_t>(*p);
   const acc_t prob = m_exp(l - static_cast<acc_t>(gmax[r])) / static_cast<acc_t>(gsum[r]);
@@ -104,7 +104,7 @@ __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restr
   const int64_t r = blockIdx.x;
   scalar_t* row = logits + r * rs;
   const int64_t t = labels[r];
-  CUDA_KERNEL_ASSERT(t >= -1 && t < cols);
+  // t in [-1, cols): checked on the host before the launch
   const AdaptiveRow<acc_t> a = in.row(r);
   const bool filter_row = filter && t >= 0;
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
@@ -157,7 +157,7 @@ __global__ void adaptive_backward_kernel(scalar_t* logits, const int64_t* __rest
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (j >= cols) return;
   const int64_t t = labels[r];
-  CUDA_KERNEL_ASSERT(t >= -1 && t < cols);
+  // t in [-1, cols): checked on the host before the launch
   const AdaptiveRow<acc_t> a = in.row(r);
   scalar_t* p = logits + r * rs + j * cs;
   const acc_t l = static_cast<acc_t>(*p);
@@ -177,6 +177,17 @@ __global__ void adaptive_backward_kernel(scalar_t* logits, const int64_t* __rest
   *p = static_cast<scalar_t>(g);
 }
 
+// The combined statistics come from a collective; on another device the kernel would read host or peer memory.
+void check_same_device(const at::Tensor& logits, std::initializer_list<const at::Tensor*> tensors,
+                       std::initializer_list<const char*> names, const char* op) {
+  auto name = names.begin();
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(t->device() == logits.device(), op, ": ", *name, " is on ", t->device(), ", logits on ",
+                logits.device());
+    ++name;
+  }
+}
+
 void check_logits(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [B, S], got ", logits.sizes());
@@ -185,6 +196,8 @@ void check_logits(const at::Tensor& logits, const at::Tensor& labels, const char
               ": labels must be int64 [", logits.size(0), "], got ", labels.scalar_type(), " ", labels.sizes());
   TORCH_CHECK(labels.device() == logits.device(), op, ": labels are on ", labels.device(), ", logits on ",
               logits.device());
+  // Checked on the host (one small sync) so a bad label raises the CPU kernels' error, never a device assert.
+  cuda::check_range_cuda(labels, -1, logits.size(1), op, "labels");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
@@ -221,6 +234,8 @@ void margin_softmax_backward_cuda(at::Tensor& logits, const at::Tensor& labels, 
   check_vector(global_max, rows, "global_max", op);
   check_vector(global_sum_exp, rows, "global_sum_exp", op);
   check_vector(target_cos, rows, "target_cos", op);
+  check_same_device(logits, {&global_max, &global_sum_exp, &target_cos}, {"global_max", "global_sum_exp", "target_cos"},
+                    op);
   TORCH_CHECK(rows <= 65535, op, ": at most 65535 rows per call on CUDA, got ", rows);
   if (rows == 0 || cols == 0) return;
   c10::cuda::CUDAGuard guard(logits.device());
@@ -283,6 +298,8 @@ void margin_softmax_backward_adaptive_cuda(at::Tensor& logits, const at::Tensor&
   check_vector(global_max, rows, "global_max", op);
   check_vector(global_sum_exp, rows, "global_sum_exp", op);
   check_vector(target_cos, rows, "target_cos", op);
+  check_same_device(logits, {&global_max, &global_sum_exp, &target_cos}, {"global_max", "global_sum_exp", "target_cos"},
+                    op);
   TORCH_CHECK(rows <= 65535, op, ": at most 65535 rows per call on CUDA, got ", rows);
   c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor sm2 = adaptive_vector(sample_m2, logits, "sample_m2", op);

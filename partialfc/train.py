@@ -23,7 +23,6 @@ from .backbones import build_backbone
 from .comm import get_comm, launcher_rank
 from .config import ConfigError, load_config
 from .engine import Checkpointer, default_hooks
-from .engine.checkpointer import load, save_atomic, step_dir
 from .engine.init_weights import load_backbone_weights, load_center_shard
 from .engine.run_folder import RunFolderError, claim_output
 from .head import PartialFC, center_optimizer, margin_from_config
@@ -170,36 +169,6 @@ def build_teacher(config, device, log):
     return teacher.to(device).eval(), path
 
 
-class DistillCheckpointer(Checkpointer):
-    """The Checkpointer, plus the distillation projection: rank 0 writes its weights to
-    ``checkpoints/step_<N>/projection.pt`` before the checkpoint is sealed, and resume restores them. Its
-    optimizer state is in the backbone optimizer's, which ``trainer.pt`` holds; ``model.pt`` stays the plain
-    backbone."""
-
-    FILE = "projection.pt"
-
-    def __init__(self, *args, projection, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.projection = projection
-
-    def save(self, step, *args, **kwargs):
-        if self.comm.rank == 0:
-            folder = step_dir(self.output, step)
-            os.makedirs(folder, exist_ok=True)
-            save_atomic(self.projection.state_dict(), os.path.join(folder, self.FILE))
-        super().save(step, *args, **kwargs)
-
-    def resume(self):
-        progress = super().resume()
-        if progress is not None:
-            path = os.path.join(step_dir(self.output, progress["step"]), self.FILE)
-            if not os.path.isfile(path):
-                raise RuntimeError(f"cannot resume: {path} is missing, the checkpoint holds no distillation "
-                                   f"projection (was it written with another teacher_embedding_size?)")
-            self.projection.load_state_dict(load(path))
-        return progress
-
-
 class Trainer:
     """Builds the run from a config, then trains: ``train_step`` is one optimizer step, ``train`` the loop.
     Hooks (``partialfc.engine.hooks``) log, schedule, checkpoint and evaluate between steps."""
@@ -265,13 +234,13 @@ class Trainer:
                                         steps_per_epoch)
         self.step, self.epoch, self.batch_in_epoch, self.last_loss, self.bad_steps = 0, 0, 0, float("nan"), 0
 
-        checkpointer_cls, extra = Checkpointer, {}
-        if self.projection is not None:
-            checkpointer_cls, extra = DistillCheckpointer, dict(projection=self.projection)
-        self.checkpointer = checkpointer_cls(
+        # The distillation projection trains with the backbone and is checkpointed with it, but model.pt stays
+        # the plain backbone.
+        extra_modules = {"projection": self.projection} if self.projection is not None else {}
+        self.checkpointer = Checkpointer(
             self.output, comm, config, backbone=self.backbone, optimizer=self.optimizer,
             schedulers=self.schedulers, scaler=self.scaler, pfc=self.pfc, pfc_optimizer=self.pfc_optimizer,
-            device=device, log=self.log, run=self.run, **extra)
+            device=device, log=self.log, run=self.run, extra_modules=extra_modules)
         progress = self.checkpointer.resume() if config.resume else None
         initialized = [k for k in ("init_backbone", "init_centers") if config.get(k)]
         if progress is not None:
@@ -434,7 +403,9 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.student_parameters(), max_norm)
         bad = not (math.isfinite(float(norm)) and math.isfinite(total)
                    and (not run_head or self.pfc.center_grad.is_finite()))
-        bad = bool(comm.allreduce(torch.tensor([float(bad)]), "max").item())  # one rank's bad step is everyone's
+        # One rank's bad step is everyone's. The flag lives on the training device: that is the device every
+        # backend's process group serves (a CUDA-only NCCL group refuses CPU tensors).
+        bad = bool(comm.allreduce(torch.tensor([float(bad)], device=self.device), "max").item())
 
         # Step (or skip), then zero.
         if bad:

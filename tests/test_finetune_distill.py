@@ -318,6 +318,13 @@ def test_a_projection_maps_the_student_to_a_wider_teacher(tmp_path):
     for step in (3, 4):
         assert rest[step] == pytest.approx(full_losses[step], abs=1e-6), (step, rest, full_losses)
     torch.testing.assert_close(resumed.projection.weight, full.projection.weight, rtol=0, atol=1e-6)
+    saved = torch.load(os.path.join(interrupted.output, "checkpoints", "step_2", "trainer.pt"), weights_only=True)
+    assert set(saved["extra_modules"]) == {"projection"}  # in trainer.pt, under the manifest's checksum
+    # A run without the projection cannot take that checkpoint, and says why.
+    with pytest.raises(RuntimeError, match=r"holds the modules \['projection'\] beside the backbone and this run "
+                                           r"has \[\]"):
+        Trainer(Config(interrupted, resume=True, distill_weight=0.0, teacher_network=None, teacher_weights=None,
+                       teacher_embedding_size=None))
 
 
 @pytest.mark.timeout(2400)  # minutes on a loaded 2-core machine

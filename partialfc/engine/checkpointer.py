@@ -152,9 +152,12 @@ class Checkpointer:
     """
 
     def __init__(self, output, comm, config, *, backbone, optimizer, schedulers, scaler, pfc, pfc_optimizer,
-                 device, log, run=None):
+                 device, log, run=None, extra_modules=None):
         self.output, self.comm, self.config, self.device, self.log = output, comm, config, device, log
         self.run = run  # rank 0's claim on the output folder (partialfc.engine.run_folder); None elsewhere
+        # Modules replicated like the backbone (the same on every rank) that trainer.pt holds next to it, e.g.
+        # the distillation projection: {name: module}.
+        self.extra_modules = dict(extra_modules or {})
         self.backbone, self.optimizer, self.schedulers, self.scaler = backbone, optimizer, schedulers, scaler
         self.pfc, self.pfc_optimizer = pfc, pfc_optimizer
         self.resumed_at = None  # (epoch, sample_in_epoch) of the checkpoint this run resumed from
@@ -226,6 +229,7 @@ class Checkpointer:
                          sample_in_epoch=sample_in_epoch, global_batch=global_batch, world_size=comm.size,
                          num_classes=self.pfc.num_classes, run_id=self.run_id,
                          head={k: v.cpu() for k, v in self.pfc.head_state().items()},  # same on every rank
+                         extra_modules={name: m.state_dict() for name, m in self.extra_modules.items()},
                          config=json.dumps(self.config, default=str))
             try:
                 save_atomic(state, os.path.join(folder, "trainer.pt"))
@@ -277,7 +281,14 @@ class Checkpointer:
             self.log(f"resume=True but no complete checkpoint under {self.output}/checkpoints; starting fresh")
             return None
         self._check_compatible(folder, trainer, mine)
+        saved_modules = trainer.get("extra_modules") or {}
+        if set(saved_modules) != set(self.extra_modules):
+            raise RuntimeError(f"cannot resume from {folder}: it holds the modules {sorted(saved_modules)} beside "
+                               f"the backbone and this run has {sorted(self.extra_modules)} (a distillation "
+                               f"projection comes with teacher_embedding_size != embedding_size)")
         self.backbone.load_state_dict(trainer["backbone"])
+        for name, module in self.extra_modules.items():
+            module.load_state_dict(saved_modules[name])
         if trainer.get("optimizer") is not None:
             self.optimizer.load_state_dict(trainer["optimizer"])
         else:

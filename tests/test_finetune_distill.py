@@ -239,8 +239,8 @@ def test_mismatches_name_the_file_and_both_values(finished, tmp_path):
     assert os.path.join(torn, "softmax_fc_rank_1.pt") in msg and "says world_size 2" in msg, msg
 
     for name, start, words in (
-            ("gap", 7, "starts at class 7, but the shards before it end at class 6: classes 6..6 are in no file"),
-            ("overlap", 5, "starts at class 5, but the shards before it already hold classes up to 5 (an overlap)")):
+            ("gap", 7, "(classes [7, 12)): classes [6, 7) are in no shard (a gap"),
+            ("overlap", 5, "(classes [5, 10)): overlaps the classes up to 6 of the shard before it")):
         folder = _write_shards(tmp_path / name, centers, 3, "ours")  # 6 + 5 + 5 classes
         file = os.path.join(folder, "softmax_fc_rank_1.pt")
         shard = torch.load(file, weights_only=True)

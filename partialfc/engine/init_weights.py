@@ -27,6 +27,7 @@ import torch
 
 from ..eval.model_io import CheckpointError, load_backbone_state_dict
 from ..head.partial_fc import partition_classes
+from .reshard import ReshardError, check_tiling, take_rows
 
 __all__ = ["InitWeightsError", "check_backbone_state", "load_backbone_weights", "load_center_shard",
            "read_center_shards", "resolve_backbone_file"]
@@ -190,8 +191,8 @@ def _load_shard(path):
 
 
 def read_center_shards(path):
-    """Every shard of the set ``path`` names, checked: ``[(class_start, weight [n, D], file)]`` in class
-    order, with ``(num_classes, embedding_size)``. A missing rank file, a gap or an overlap between class
+    """Every shard of the set ``path`` names, checked: ``[dict(path, start, stop, state=dict(weight))]`` in
+    class order (as ``engine.reshard`` has them), with ``(num_classes, embedding_size)``. A missing rank file, a gap or an overlap between class
     ranges, a class count that disagrees with the files, or shards of different widths raise
     :class:`InitWeightsError` naming the file and both values."""
     folder, template, carries_ranges, files = _shard_files(path)
@@ -213,28 +214,23 @@ def read_center_shards(path):
     if len(set(dims.values())) > 1:
         r = next(r for r in dims if dims[r] != dims[0])
         raise InitWeightsError(f"init_centers {files[r]}: embedding size {dims[r]}, but {dims[0]} in {files[0]}")
-    shards = []
+    starts = {}
     if carries_ranges:
-        for rank, (obj, weight) in loaded.items():
+        for rank, (obj, _) in loaded.items():
             if obj.get("class_start") is None:
                 raise InitWeightsError(f"init_centers {files[rank]}: no 'class_start' in the file")
-            shards.append((int(obj["class_start"]), weight, files[rank]))
-        shards.sort(key=lambda s: s[0])
+            starts[rank] = int(obj["class_start"])
     else:  # arcface_torch's shards: contiguous ranges in rank order, as partition_classes splits them
         start = 0
         for rank, (_, weight) in loaded.items():
-            shards.append((start, weight, files[rank]))
-            start += int(weight.shape[0])
-    expected = 0
-    for start, weight, file in shards:
-        if start > expected:
-            raise InitWeightsError(f"init_centers {file}: starts at class {start}, but the shards before it end "
-                                   f"at class {expected}: classes {expected}..{start - 1} are in no file (a gap)")
-        if start < expected:
-            raise InitWeightsError(f"init_centers {file}: starts at class {start}, but the shards before it "
-                                   f"already hold classes up to {expected - 1} (an overlap)")
-        expected = start + int(weight.shape[0])
-    total = expected
+            starts[rank], start = start, start + int(weight.shape[0])
+    # The same tiling rule as a resume on another world size (engine/reshard).
+    try:
+        shards = check_tiling([dict(path=files[r], start=starts[r], stop=starts[r] + int(w.shape[0]),
+                                    state=dict(weight=w)) for r, (_, w) in loaded.items()])
+    except ReshardError as exc:
+        raise InitWeightsError(f"init_centers: {exc}") from None
+    total = shards[-1]["stop"]
     for rank, (obj, _) in loaded.items():
         if obj.get("num_classes") is not None and int(obj["num_classes"]) != total:
             raise InitWeightsError(f"init_centers {files[rank]}: num_classes {int(obj['num_classes'])} in the file, "
@@ -255,10 +251,4 @@ def load_center_shard(path, num_classes, embedding_size, rank, world_size):
         raise InitWeightsError(f"init_centers {where}: embedding size {dim} in the files, {embedding_size} in "
                                f"this run (embedding_size)")
     class_start, num_local = partition_classes(num_classes, rank, world_size)
-    end = class_start + num_local
-    parts = []
-    for start, weight, _ in shards:
-        lo, hi = max(start, class_start), min(start + weight.shape[0], end)
-        if lo < hi:
-            parts.append(weight[lo - start:hi - start].to(torch.float32))
-    return torch.cat(parts) if parts else torch.empty(0, embedding_size)
+    return take_rows(shards, class_start, num_local)[0].to(torch.float32)

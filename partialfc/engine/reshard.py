@@ -84,7 +84,14 @@ def read_shards(files, num_classes=None, mmap=True):
         if num_local != weight.shape[0]:
             raise ReshardError(f"{path}: num_local is {num_local} but weight holds {weight.shape[0]} rows")
         shards.append(dict(path=path, start=start, stop=start + num_local, state=state))
-    shards.sort(key=lambda s: (s["start"], s["stop"]))
+    return check_tiling(shards, num_classes)
+
+
+def check_tiling(shards, num_classes=None):
+    """``shards`` (``dict(path, start, stop, state)`` with ``state["weight"]`` [stop - start, D]) sorted by class,
+    after checking that they tile ``[0, num_classes)`` (or ``[0, total)``) without gap or overlap and share an
+    embedding size; a ``ReshardError`` names the file, its class range and what is wrong."""
+    shards = sorted(shards, key=lambda s: (s["start"], s["stop"]))
     dim = shards[0]["state"]["weight"].shape[1]
     expect = 0
     for shard in shards:

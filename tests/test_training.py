@@ -469,3 +469,22 @@ def test_resumed_adaptive_margin_run_keeps_its_running_statistics(tmp_path, marg
         assert hook.losses[step] == pytest.approx(full[step], abs=1e-6), (step, hook.losses, full)
     for name, value in resumed.pfc.head_state().items():
         torch.testing.assert_close(value, full_trainer.pfc.head_state()[name], atol=1e-6, rtol=0)
+
+
+def test_a_vit_config_trains_its_centers_with_sparse_adamw(tmp_path):
+    """configs/wf42m_pfc02_40epoch_8gpu_vit_t.py as shipped, on the synthetic data for three steps: the centers
+    get SparseAdamW at the config's lr and weight decay, and the sampled rows move."""
+    cfg = load_config(os.path.join(ROOT, "configs", "wf42m_pfc02_40epoch_8gpu_vit_t.py"), [
+        f"output='{tmp_path / 'out'}'", f"data_root='{tmp_path / 'data'}'", "rec='synthetic'", "num_classes=None",
+        "num_image=None", "synthetic_ids=16", "synthetic_images_per_id=4", "synthetic_val_ids=4",
+        "synthetic_val_pairs=8", "batch_size=8", "num_workers=0", "max_steps=3", "warmup_epoch=0", "fp16=False",
+        "tensorboard=False", "comm_backend='single'", "frequent=100"])
+    trainer = Trainer(cfg)
+    before = trainer.pfc.weight.detach().clone()
+    trainer.train()
+    opt = trainer.pfc_optimizer
+    assert isinstance(opt, SparseAdamW) and isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[0]["initial_lr"] == pytest.approx(0.001)
+    row_step = opt.state[trainer.pfc.weight]["row_step"]
+    moved = (trainer.pfc.weight != before).any(dim=1)
+    assert moved.any() and torch.equal(moved, row_step > 0)  # exactly the rows that were ever sampled

@@ -25,7 +25,7 @@ import re
 
 import torch
 
-from ..eval.model_io import CheckpointError, load_backbone_state_dict
+from ..eval.model_io import CheckpointError, load_backbone_state_dict, state_mismatch
 from ..head.partial_fc import partition_classes
 from .reshard import ReshardError, check_tiling, take_rows
 
@@ -102,20 +102,8 @@ def check_backbone_state(model, state, path, network, embedding_size, what="init
         size = f" with embedding size {saved_size}" if saved_size is not None else ""
         raise InitWeightsError(f"{what} {path}: the file holds a {' / '.join(map(repr, fit))} backbone{size}; "
                                f"this run's network is {network!r} with embedding size {embedding_size}")
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} of the network's tensors missing from the file (e.g. {missing[0]!r})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} tensors the network does not have (e.g. {unexpected[0]!r})")
-    if reshaped:
-        k = reshaped[0]
-        parts.append(f"{len(reshaped)} of another shape (e.g. {k!r}: {list(state[k].shape)} in the file, "
-                     f"{list(own[k].shape)} in the network)")
     raise InitWeightsError(f"{what} {path}: not a state dict of network {network!r} with embedding size "
-                           f"{embedding_size}: {'; '.join(parts)}")
+                           f"{embedding_size}: {state_mismatch(model, state)}")
 
 
 def load_backbone_weights(model, path, network, embedding_size, what="init_backbone"):

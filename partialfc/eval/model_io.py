@@ -210,7 +210,7 @@ def load_backbone_state_dict(path):
     return extract_backbone_state_dict(obj, path)
 
 
-def _state_mismatch(model, state):
+def state_mismatch(model, state):
     """How ``state`` differs from ``model``'s own state dict, in one line; None when it fits."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -245,7 +245,7 @@ def build_backbone(network, embedding_size, state, path, network_source="--netwo
     if embedding_size < 1:
         raise InputError(f"embedding size must be a positive number of features, got {embedding_size}")
     model = get_model(network, num_features=embedding_size, dropout=0.0, fp16=False)
-    problem = _state_mismatch(model, state)
+    problem = state_mismatch(model, state)
     if problem is None:
         try:
             model.load_state_dict(state, strict=True)

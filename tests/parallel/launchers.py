@@ -46,6 +46,15 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
+def require(*launchers):
+    """Skip the test when a launcher cannot run here; under CI=true that is a failure, not a skip."""
+    import pytest
+
+    reason = next(filter(None, (missing(launcher) for launcher in launchers)), None)
+    if reason:
+        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+
+
 def launch(launcher, np, script, *args, timeout=300):
     """Like ``run``, whatever the exit status; on ``timeout`` the launcher's whole process group is killed
     (ranks included) and ``subprocess.TimeoutExpired`` raised."""

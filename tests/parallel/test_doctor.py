@@ -7,15 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
-from launchers import launch, missing, run
+from launchers import launch, require, run
 from partialfc.ops import extension
 from partialfc.tools import doctor
 
 
-def _need(launcher):
-    reason = missing(launcher)
-    if reason:
-        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
 
 
 def _data(tmp_path, bin_bytes=None):
@@ -42,7 +38,7 @@ def _args(tmp_path, rec):
 
 
 def test_a_healthy_two_rank_launch_is_ok(tmp_path, monkeypatch):
-    _need("torchrun")
+    require("torchrun")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.delenv("PARTIALFC_DISABLE_EXT", raising=False)
     proc = run("torchrun", 2, *_args(tmp_path, _data(tmp_path)), timeout=180)
@@ -58,7 +54,7 @@ def test_a_healthy_two_rank_launch_is_ok(tmp_path, monkeypatch):
 
 
 def test_disabled_extension_and_unreadable_bin_are_named(tmp_path, monkeypatch):
-    _need("torchrun")
+    require("torchrun")
     monkeypatch.setenv("PARTIALFC_DISABLE_EXT", "1")
     rec = _data(tmp_path, bin_bytes=b"these are not the pairs you are looking for")
     proc = launch("torchrun", 2, *_args(tmp_path, rec), timeout=180)

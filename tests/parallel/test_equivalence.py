@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from launchers import missing, run
+from launchers import require, run
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "equivalence_worker.py")
 EQUIVALENCE = ["divisible", "uneven", "no_positive"]
@@ -19,9 +19,7 @@ SETUPS = [("horovodrun", "horovod", 1), ("horovodrun", "horovod", 2), ("horovodr
 
 @pytest.mark.parametrize("launcher,backend,np", SETUPS, ids=[f"{l}-{b}-np{n}" for l, b, n in SETUPS])
 def test_world_sizes_match_single_process(launcher, backend, np, tmp_path):
-    reason = missing(launcher) or (missing("horovodrun") if backend == "horovod" else None)
-    if reason:
-        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    require(launcher, *(["horovodrun"] if backend == "horovod" else []))
     cases = EQUIVALENCE + (BAD_INPUT if np > 1 else [])
     run(launcher, np, WORKER, backend, str(tmp_path), *cases)
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(np)]

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from launchers import missing, run
+from launchers import missing, require, run
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resume_world_size_worker.py")
 GLOBAL_BATCH = 24
@@ -34,9 +34,7 @@ def _train(tmp_path, launcher, np, output, *extra):
 
 
 def test_two_rank_checkpoint_resumes_on_one_and_three_ranks(tmp_path):
-    reason = missing("torchrun")
-    if reason:
-        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    require("torchrun")
     full_out = tmp_path / "two"
     full = _train(tmp_path, "torchrun", 2, full_out)
     assert sorted(full) == [1, 2, 3, 4, 5, 6]

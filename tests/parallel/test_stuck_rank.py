@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from launchers import ROOT, launch, missing
+from launchers import ROOT, launch, require
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIGNAL_STEP = 3  # the signalled rank finishes this step, then stops or dies
@@ -16,10 +16,6 @@ TIMEOUT = 4  # collective_timeout, seconds
 BOUND = 60  # every process ends within this many seconds of the signal
 
 
-def _need(launcher):
-    reason = missing(launcher)
-    if reason:
-        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +55,7 @@ def _train_and_signal(launcher, tmp_path, data_root, sig, rank):
 
 @pytest.mark.parametrize("launcher,stopped", [("horovodrun", 1), ("mpirun", 0), ("torchrun", 1)])
 def test_stopped_rank_ends_the_job_naming_step_and_rank(launcher, stopped, tmp_path, data_root):
-    _need(launcher)
+    require(launcher)
     status, output, elapsed = _train_and_signal(launcher, tmp_path, data_root, "SIGSTOP", stopped)
     assert status != 0, output[-4000:]
     assert elapsed < BOUND, f"{launcher}: the job ended {elapsed:.0f} s after the rank stopped"
@@ -82,7 +78,7 @@ KILLED = {
 
 @pytest.mark.parametrize("launcher", sorted(KILLED))
 def test_killed_rank_ends_the_job_naming_the_rank(launcher, tmp_path, data_root):
-    _need(launcher)
+    require(launcher)
     status, output, elapsed = _train_and_signal(launcher, tmp_path, data_root, "SIGKILL", 1)
     assert status != 0, output[-4000:]
     assert elapsed < BOUND, f"{launcher}: the job ended {elapsed:.0f} s after the rank was killed"

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from launchers import ROOT, launch, missing, run
+from launchers import ROOT, launch, require, run
 
 
 def _args(tmp_path, name, *extra):
@@ -17,15 +17,11 @@ def _args(tmp_path, name, *extra):
             *extra]
 
 
-def _need(launcher):
-    reason = missing(launcher)
-    if reason:
-        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
 
 
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_verification_hook_logs_once_on_rank_zero(launcher, tmp_path):
-    _need(launcher)
+    require(launcher)
     proc = run(launcher, 2, *_args(tmp_path, "out"))
     records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     # Step 0 (untrained), step 2 (verbose=2) and the end (step 3): once each.
@@ -41,7 +37,7 @@ def test_verification_hook_logs_once_on_rank_zero(launcher, tmp_path):
 
 
 def test_zero_optimizer_matches_plain_optimizer_under_torchrun(tmp_path):
-    _need("torchrun")
+    require("torchrun")
     extra = ["val_targets=[]", "comm_backend='torch'"]
     run("torchrun", 2, *_args(tmp_path, "plain", *extra))
     run("torchrun", 2, *_args(tmp_path, "zero", *extra, "zero_optimizer=True"))
@@ -58,7 +54,7 @@ def test_zero_optimizer_matches_plain_optimizer_under_torchrun(tmp_path):
 
 @pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
 def test_every_rank_names_itself_in_a_config_error(launcher, tmp_path):
-    _need(launcher)
+    require(launcher)
     proc = launch(launcher, 2, *_args(tmp_path, "out", "lr=abc"), timeout=120)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr

@@ -284,6 +284,10 @@ class TorchDistComm(Communicator):
 
     def shutdown(self):
         if dist.is_initialized():
+            # Tear down only once every rank has finished its collectives: a rank that destroys its Gloo
+            # pairs while a peer is still reading from them can abort that peer ("terminate called without
+            # an active exception"), failing a run that had finished.
+            dist.barrier()
             dist.destroy_process_group()
 
 

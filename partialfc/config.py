@@ -51,6 +51,8 @@ DEFAULTS = dict(
     interclass_filtering_threshold=0,
     # --- Partial FC ---
     sample_rate=1.0,
+    num_subcenters=1,              # K sub-centers per identity (sub-center ArcFace); 1: one center per identity
+    center_dtype="float32",        # storage of the class centers and their optimizer state: float32, bfloat16, float16
     use_ext=True,                  # fused kernels of partialfc._C when built (PARTIALFC_DISABLE_EXT=1 also disables)
     # --- data ---
     rec="synthetic",               # folder with train.rec/train.idx, an image folder, or "synthetic"
@@ -288,6 +290,8 @@ SCHEMA = dict(
     adaface_h=number(0, lo_open=True),
     interclass_filtering_threshold=number(0, 1),  # 0 disables
     sample_rate=number(0, 1, lo_open=True),
+    num_subcenters=integer(1),
+    center_dtype=choice("float32", "bfloat16", "float16"),
     use_ext=boolean(),
     rec=string(),
     num_classes=optional(integer(1)),

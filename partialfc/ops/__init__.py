@@ -13,7 +13,8 @@ from .reference import (gather_normalize_backward_out_ref, gather_normalize_back
                         gather_normalize_ref, margin_softmax_backward_adaptive_ref, margin_softmax_backward_ref,
                         margin_softmax_forward_adaptive_ref, margin_softmax_forward_ref,
                         normalize_backward_adamw_update_ref, normalize_backward_sgd_update_ref, remap_labels,
-                        sample_classes_ref, sparse_adamw_update_ref, sparse_sgd_update_ref)
+                        sample_classes_ref, sparse_adamw_update_ref, sparse_sgd_update_ref,
+                        subcenter_max_backward_ref, subcenter_max_ref)
 from .tables import CompiledOps, OpTable, ReferenceOps, op_table
 
 __all__ = ["CompiledOps", "OpTable", "ReferenceOps", "accumulation_dtype", "compute_dtype",
@@ -21,4 +22,5 @@ __all__ = ["CompiledOps", "OpTable", "ReferenceOps", "accumulation_dtype", "comp
            "gather_normalize_ref", "margin_softmax_backward_adaptive_ref", "margin_softmax_backward_ref",
            "margin_softmax_forward_adaptive_ref", "margin_softmax_forward_ref",
            "normalize_backward_adamw_update_ref", "normalize_backward_sgd_update_ref", "op_table", "remap_labels",
-           "sample_classes_ref", "sparse_adamw_update_ref", "sparse_sgd_update_ref"]
+           "sample_classes_ref", "sparse_adamw_update_ref", "sparse_sgd_update_ref", "subcenter_max_backward_ref",
+           "subcenter_max_ref"]

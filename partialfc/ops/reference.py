@@ -296,6 +296,39 @@ def margin_softmax_backward_adaptive_ref(logits, labels, global_max, global_sum_
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Sub-centers (sub-center ArcFace): an identity's cosine is the max over its K sub-centers
+
+
+def subcenter_max_ref(cosines, num_subcenters):
+    """``(values [B, S], argmax [B, S] int64)`` of ``cosines`` [B, S*K], identity ``s`` owning the columns
+    ``s*K .. s*K+K-1``: the max over each identity's K columns and the k that holds it. A tie goes to the
+    lowest k; a NaN wins (the first NaN of the K), as in ``torch.max``."""
+    k = int(num_subcenters)
+    if k < 1 or cosines.dim() != 2 or cosines.shape[1] % k:
+        raise ValueError(f"subcenter_max: cosines {list(cosines.shape)} is not [B, S*K] for num_subcenters = {k}")
+    view = cosines.unflatten(1, (cosines.shape[1] // k, k))  # [B, S, K]
+    values = view[:, :, 0].clone()
+    argmax = torch.zeros(values.shape, dtype=torch.long, device=cosines.device)
+    for j in range(1, k):
+        x = view[:, :, j]
+        # Strictly greater keeps the lowest k on a tie; once a NaN is held nothing replaces it.
+        take = ~torch.isnan(values) & ((x > values) | torch.isnan(x))
+        values = torch.where(take, x, values)
+        argmax.masked_fill_(take, j)
+    return values, argmax
+
+
+def subcenter_max_backward_ref(grad, argmax, num_subcenters):
+    """``[B, S*K]`` in grad's dtype: ``grad[b, s]`` at column ``s*K + argmax[b, s]``, zero elsewhere."""
+    k = int(num_subcenters)
+    if bool(((argmax < 0) | (argmax >= k)).any()):
+        raise ValueError(f"subcenter_max_backward: argmax holds values outside [0, {k})")
+    out = torch.zeros(grad.shape[0], grad.shape[1], k, dtype=grad.dtype, device=grad.device)
+    out.scatter_(2, argmax.unsqueeze(2), grad.unsqueeze(2))
+    return out.flatten(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Sparse SGD with momentum on the sampled rows
 
 

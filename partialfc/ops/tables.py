@@ -15,6 +15,8 @@ underneath. Every table offers the same signatures, the ``_out`` and in-place fo
     margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
                                      grad_scale, filter_threshold, sample_m2, sample_m3, clip_eps,
                                      hard_threshold, hard_t)                            (in place)
+    subcenter_max(cosines [B, S*K], num_subcenters) -> (values [B, S], argmax [B, S])  (sub-centers, K > 1)
+    subcenter_max_backward(grad [B, S], argmax, num_subcenters) -> [B, S*K]
     sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay)
     normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
                                   weight_decay, grad_scale)
@@ -31,6 +33,32 @@ whether ``empty`` hands out the same memory step after step (then a backward mus
 import torch
 
 from . import extension, reference
+
+# The sub-center max's fake kernels and autograd (the other ops' are in extension.py). An extension built from
+# older sources lacks the op; a head with num_subcenters > 1 then needs use_ext=False.
+if extension.available() and hasattr(torch.ops.partialfc, "subcenter_max"):
+    @torch.library.register_fake("partialfc::subcenter_max")
+    def _subcenter_max_fake(cosines, num_subcenters):
+        torch._check(num_subcenters >= 1 and cosines.shape[1] % num_subcenters == 0,
+                     lambda: f"subcenter_max: {cosines.shape[1]} columns for num_subcenters = {num_subcenters}")
+        shape = (cosines.shape[0], cosines.shape[1] // num_subcenters)
+        return cosines.new_empty(shape), cosines.new_empty(shape, dtype=torch.long)
+
+    @torch.library.register_fake("partialfc::subcenter_max_backward")
+    def _subcenter_max_backward_fake(grad, argmax, num_subcenters):
+        return grad.new_empty((grad.shape[0], grad.shape[1] * num_subcenters))
+
+    # The gradient of the values goes to the argmax column; argmax is an index and has none.
+    def _subcenter_max_setup(ctx, inputs, output):
+        ctx.num_subcenters = inputs[1]
+        ctx.save_for_backward(output[1])
+
+    def _subcenter_max_backward(ctx, grad_values, grad_argmax):
+        (argmax,) = ctx.saved_tensors
+        return torch.ops.partialfc.subcenter_max_backward(grad_values, argmax, ctx.num_subcenters), None
+
+    torch.library.register_autograd("partialfc::subcenter_max", _subcenter_max_backward,
+                                    setup_context=_subcenter_max_setup)
 
 
 class OpTable:
@@ -78,6 +106,8 @@ class ReferenceOps(OpTable):
     normalize_backward_sgd_update = staticmethod(reference.normalize_backward_sgd_update_ref)
     sparse_adamw_update = staticmethod(reference.sparse_adamw_update_ref)
     normalize_backward_adamw_update = staticmethod(reference.normalize_backward_adamw_update_ref)
+    subcenter_max = staticmethod(reference.subcenter_max_ref)
+    subcenter_max_backward = staticmethod(reference.subcenter_max_backward_ref)
 
 
 def _require_op(name):
@@ -137,6 +167,16 @@ class CompiledOps(OpTable):
             float(grad_scale), float(filter_threshold), sample_m2, sample_m3, float(clip_eps), hard_threshold,
             float(hard_t))
         return logits
+
+    @staticmethod
+    def subcenter_max(cosines, num_subcenters):
+        _require_op("subcenter_max")
+        return torch.ops.partialfc.subcenter_max(cosines, int(num_subcenters))
+
+    @staticmethod
+    def subcenter_max_backward(grad, argmax, num_subcenters):
+        _require_op("subcenter_max_backward")
+        return torch.ops.partialfc.subcenter_max_backward(grad, argmax, int(num_subcenters))
 
     @staticmethod
     def sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):

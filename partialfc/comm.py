@@ -306,6 +306,13 @@ def launcher_rank():
 _COMM = None
 
 
+def reset_comm():
+    """Forget the process-wide communicator, so that the next ``get_comm`` builds one for the world as it is
+    now: Horovod elastic re-initializes with another rank and size after a rank is lost or added."""
+    global _COMM
+    _COMM = None
+
+
 def get_comm(backend="auto", device_type=None, timeout=None):
     """The process-wide communicator, created on first call from the launcher's environment. ``timeout``
     is the config's ``collective_timeout`` (seconds or None), for the torch.distributed process group."""

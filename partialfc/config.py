@@ -111,6 +111,8 @@ DEFAULTS = dict(
     overwrite=False,               # resume=False into a folder holding another run's checkpoints: replace them
     save_all_states=True,          # also save optimizer, scaler and sampler states for exact resume
     save_every=None,               # save a resumable checkpoint every this many steps
+    elastic=False,                 # torchrun/Horovod elastic: every (re)start continues the run from its newest
+                                   # checkpoint on the world size it finds (docs/elastic.md); needs save_every
     tensorboard=True,
     # --- accepted for arcface_torch compatibility; no effect here ---
     dali=False,
@@ -344,6 +346,7 @@ SCHEMA = dict(
     overwrite=boolean(),
     save_all_states=boolean(),
     save_every=optional(integer(0)),             # None or 0 disables
+    elastic=boolean(),
     tensorboard=boolean(),
     dali=boolean(),
     dali_aug=boolean(),

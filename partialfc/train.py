@@ -23,6 +23,7 @@ from .backbones import build_backbone
 from .comm import get_comm, launcher_rank
 from .config import ConfigError, load_config
 from .engine import Checkpointer, default_hooks
+from .engine.elastic import elastic_config, horovod_elastic, run_horovod_elastic
 from .engine.init_weights import load_backbone_weights, load_center_shard
 from .engine.run_folder import RunFolderError, claim_output
 from .head import PartialFC, center_optimizer, margin_from_config
@@ -184,6 +185,9 @@ class Trainer:
         self.comm, self.device = comm, device = training_device(config)
         self.output = config.output
         self.logger = training_logger(self.output, comm.rank)
+        if config.get("elastic"):
+            # Every start of an elastic worker continues the folder's run, at the run's global batch.
+            config = self.config = elastic_config(config, comm, device, self.log)
         # The output folder is this run's alone: rank 0 locks it, and a fresh run refuses another run's results.
         self.run = claim_output(self.output, comm, config.resume, config.overwrite, device)
         try:
@@ -213,7 +217,8 @@ class Trainer:
         self.backbone = build_backbone(config).to(device)
         self.pfc = PartialFC(config.embedding_size, num_classes, config.sample_rate, margin_from_config(config),
                              comm=comm, interclass_filtering_threshold=config.interclass_filtering_threshold,
-                             seed=config.seed, use_ext=config.use_ext).to(device)
+                             seed=config.seed, use_ext=config.use_ext,
+                             num_subcenters=config.num_subcenters).to(device)
         self._init_weights(config, num_classes)
         self._build_distillation(config)
         # The module the data-parallel wrapper and the backbone optimizer see: the backbone, with the
@@ -474,8 +479,12 @@ def main(argv=None):
         raise SystemExit(f"[rank {launcher_rank()}] error: {exc}")
     trainer = None
     try:
-        trainer = Trainer(config)
-        trainer.train()
+        if config.elastic and horovod_elastic():
+            # Horovod elastic keeps the processes: a new Trainer for each world, from the newest checkpoint.
+            trainer = run_horovod_elastic(config, Trainer)
+        else:
+            trainer = Trainer(config)
+            trainer.train()
     except RunFolderError as exc:  # a refused output folder: the message says what to do, no traceback needed
         sys.stderr.write(f"[rank {launcher_rank()}] error: {exc}\n")
         raise SystemExit(2)

@@ -161,6 +161,7 @@ class Checkpointer:
         self.backbone, self.optimizer, self.schedulers, self.scaler = backbone, optimizer, schedulers, scaler
         self.pfc, self.pfc_optimizer = pfc, pfc_optimizer
         self.resumed_at = None  # (epoch, sample_in_epoch) of the checkpoint this run resumed from
+        self.saved_step = None  # the step of the last checkpoint this run sealed
 
     @property
     def run_id(self):
@@ -251,6 +252,8 @@ class Checkpointer:
             else:
                 self.log(f"checkpoint {folder} not sealed: the model or the class centers hold non-finite values")
         self._agree(error, folder, "the manifest")
+        if finite:
+            self.saved_step = step
 
     def _restore_head_state(self, folder, saved):
         """The adaptive margins' running statistics; those of another margin do not apply and are dropped."""

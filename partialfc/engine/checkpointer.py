@@ -171,6 +171,7 @@ class Checkpointer:
         self.pfc_optimizer.materialize_state()  # so the saved state always holds its buffers
         return dict(weight=self.pfc.weight.detach().cpu(), pfc_optimizer=self.pfc_optimizer.state_dict(),
                     class_start=self.pfc.class_start, num_local=self.pfc.num_local,
+                    num_subcenters=self.pfc.num_subcenters,  # rows per identity: weight is [num_local * K, D]
                     sampler=self.pfc.sampler.get_state(), torch_rng=torch.get_rng_state(),
                     cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
 
@@ -228,8 +229,8 @@ class Checkpointer:
                          scaler=self.scaler.state_dict() if self.scaler else None,
                          step=step, epoch=epoch, batch_in_epoch=sample_in_epoch // global_batch,
                          sample_in_epoch=sample_in_epoch, global_batch=global_batch, world_size=comm.size,
-                         num_classes=self.pfc.num_classes, run_id=self.run_id,
-                         head={k: v.cpu() for k, v in self.pfc.head_state().items()},  # same on every rank
+                         num_classes=self.pfc.num_classes, num_subcenters=self.pfc.num_subcenters,
+                         run_id=self.run_id, head={k: v.cpu() for k, v in self.pfc.head_state().items()},  # same on every rank
                          extra_modules={name: m.state_dict() for name, m in self.extra_modules.items()},
                          config=json.dumps(self.config, default=str))
             try:
@@ -361,10 +362,13 @@ class Checkpointer:
         saved_size = int(trainer.get("world_size") or self.comm.size)
         if saved_classes is None and saved_size == 1:  # checkpoints of earlier versions: the one shard
             saved_classes = int(mine["weight"].shape[0])
+        # Checkpoints written before sub-centers hold one row per identity.
+        saved_subcenters = int(trainer.get("num_subcenters", mine.get("num_subcenters", 1)))
         checks = [("network", saved.get("network"), self.config.network),
                   ("optimizer", saved.get("optimizer"), self.config.optimizer),
                   ("embedding_size", saved.get("embedding_size"), self.config.embedding_size),
-                  ("num_classes", saved_classes, self.pfc.num_classes)]
+                  ("num_classes", saved_classes, self.pfc.num_classes),
+                  ("num_subcenters", saved_subcenters, self.pfc.num_subcenters)]
         for key, then, now in checks:
             if then is not None and then != now:
                 what = "the class count" if key == "num_classes" else key
@@ -454,7 +458,8 @@ class Checkpointer:
         weight, rows, rest, groups, _ = reshard.take_rows(shards, start, num)
         seed = int(self.config.seed)
         sampler = torch.Generator().manual_seed(reshard.derived_seed(seed, rank, step, reshard.SAMPLER))
-        mine = dict(weight=weight, class_start=start, num_local=num, sampler=sampler.get_state(),
+        mine = dict(weight=weight, class_start=start, num_local=num, num_subcenters=reshard.subcenters(shards[0]),
+                    sampler=sampler.get_state(),
                     pfc_optimizer=reshard.optimizer_state_dict(rows, rest, groups))
         if rank < saved_size:
             own = shards[[s["path"] for s in shards].index(os.path.join(folder, f"rank_{rank}.pt"))]["state"]
@@ -482,7 +487,8 @@ class Checkpointer:
     def save_final(self):
         """``model.pt`` (the backbone state_dict, arcface_torch layout) and each rank's class-center shard."""
         shard = dict(weight=self.pfc.weight.detach().cpu(), class_start=self.pfc.class_start,
-                     num_classes=self.pfc.num_classes, world_size=self.comm.size)
+                     num_classes=self.pfc.num_classes, world_size=self.comm.size,
+                     num_subcenters=self.pfc.num_subcenters)
         save_atomic(shard, os.path.join(self.output, f"softmax_fc_rank_{self.comm.rank}.pt"))
         if self.comm.rank == 0:
             save_atomic(self.backbone.state_dict(), os.path.join(self.output, "model.pt"))

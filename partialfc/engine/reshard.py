@@ -80,10 +80,14 @@ def read_shards(files, num_classes=None, mmap=True):
         if weight.dim() != 2:
             raise ReshardError(f"{path}: weight is {list(weight.shape)}, expected [num_local, embedding_size]")
         start = int(state.get("class_start", 0))
-        num_local = int(state.get("num_local", weight.shape[0]))
-        if num_local != weight.shape[0]:
-            raise ReshardError(f"{path}: num_local is {num_local} but weight holds {weight.shape[0]} rows")
-        shards.append(dict(path=path, start=start, stop=start + num_local, state=state))
+        k = int(state.get("num_subcenters", 1))  # rows per identity (sub-center ArcFace)
+        num_local = int(state.get("num_local", weight.shape[0] // k))
+        if num_local * k != weight.shape[0]:
+            if k == 1:
+                raise ReshardError(f"{path}: num_local is {num_local} but weight holds {weight.shape[0]} rows")
+            raise ReshardError(f"{path}: weight holds {weight.shape[0]} rows, but num_local {num_local} x "
+                               f"num_subcenters {k} is {num_local * k}")
+        shards.append(dict(path=path, start=start, stop=start + num_local, state=state, k=k))
     return check_tiling(shards, num_classes)
 
 
@@ -96,6 +100,9 @@ def check_tiling(shards, num_classes=None):
     expect = 0
     for shard in shards:
         where = f"{shard['path']} (classes [{shard['start']}, {shard['stop']}))"
+        if subcenters(shard) != subcenters(shards[0]):
+            raise ReshardError(f"{where}: {subcenters(shard)} sub-centers per identity, but {shards[0]['path']} has "
+                               f"{subcenters(shards[0])}")
         if shard["state"]["weight"].shape[1] != dim:
             raise ReshardError(f"{where}: embedding size {shard['state']['weight'].shape[1]}, but "
                                f"{shards[0]['path']} has {dim}")
@@ -109,6 +116,11 @@ def check_tiling(shards, num_classes=None):
         raise ReshardError(f"{shards[-1]['path']} (classes [{shards[-1]['start']}, {expect})): the shards end at "
                            f"class {expect}, but there are {num_classes} classes (is a rank's file missing?)")
     return shards
+
+
+def subcenters(shard):
+    """K, the table rows per identity of a ``dict(path, start, stop, state)`` shard (1 unless it says)."""
+    return int(shard.get("k", shard["state"].get("num_subcenters", 1)))
 
 
 def rank_files(folder):
@@ -128,15 +140,17 @@ def rank_files(folder):
 
 
 def take_rows(shards, start, num):
-    """``(weight [num, D], per-row optimizer state {key: [num, ...]}, rest, param_groups, pieces)`` for classes
-    ``[start, start + num)``, copied out of the shards that hold them. ``pieces`` lists ``(path, lo, hi)``
-    row ranges taken from each file."""
+    """``(weight [num*K, D], per-row optimizer state {key: [num*K, ...]}, rest, param_groups, pieces)`` for
+    classes ``[start, start + num)``, copied out of the shards that hold them: all K rows of each identity (K
+    sub-centers; K = 1 without them), never part of one. ``pieces`` lists ``(path, lo, hi)`` row ranges taken
+    from each file."""
     stop = start + num
+    k = subcenters(shards[0])
     weights, rows, pieces = [], {}, []
     rest = param_groups = keys = None
     for shard in shards:
         state = shard["state"]
-        shard_rows, shard_rest = per_row_state(state.get("pfc_optimizer"), shard["stop"] - shard["start"],
+        shard_rows, shard_rest = per_row_state(state.get("pfc_optimizer"), (shard["stop"] - shard["start"]) * k,
                                                shard["path"])
         if keys is None:
             keys, rest = sorted(shard_rows), shard_rest
@@ -147,7 +161,7 @@ def take_rows(shards, start, num):
         lo, hi = max(start, shard["start"]), min(stop, shard["stop"])
         if lo >= hi:
             continue
-        a, b = lo - shard["start"], hi - shard["start"]
+        a, b = (lo - shard["start"]) * k, (hi - shard["start"]) * k
         weights.append(state["weight"][a:b])
         for key in keys:
             rows.setdefault(key, []).append(shard_rows[key][a:b])
@@ -221,7 +235,7 @@ def merge(folder):
     weight, rows, rest, param_groups, _ = take_rows(shards, 0, total)
     return dict(format=MERGED_FORMAT, num_classes=total, embedding_size=int(weight.shape[1]), weight=weight,
                 optimizer_rows=rows, optimizer_rest=rest, param_groups=param_groups, trainer=trainer,
-                source_world_size=len(files))
+                source_world_size=len(files), num_subcenters=subcenters(shards[0]))
 
 
 def load_merged(path):
@@ -249,7 +263,8 @@ def split(merged, world_size, output, log=print):
     seed = _config_seed(trainer)
     folder = step_dir(output, step)
     os.makedirs(folder, exist_ok=True)
-    shard = dict(path="merged", start=0, stop=num_classes,
+    k = int(merged.get("num_subcenters", 1))
+    shard = dict(path="merged", start=0, stop=num_classes, k=k,
                  state=dict(weight=merged["weight"], pfc_optimizer=optimizer_state_dict(
                      merged["optimizer_rows"], merged["optimizer_rest"], merged["param_groups"])))
     for rank in range(world_size):
@@ -259,11 +274,12 @@ def split(merged, world_size, output, log=print):
         torch_rng = torch.Generator().manual_seed(derived_seed(seed, rank, step, TORCH_RNG)).get_state()
         state = dict(weight=weight.clone(), pfc_optimizer=optimizer_state_dict(
                          {k: v.clone() for k, v in rows.items()}, rest, groups),
-                     class_start=start, num_local=num, sampler=sampler, torch_rng=torch_rng, cuda_rng=None,
-                     derived_rng=True)
+                     class_start=start, num_local=num, num_subcenters=k, sampler=sampler, torch_rng=torch_rng,
+                     cuda_rng=None, derived_rng=True)
         save_atomic(state, os.path.join(folder, f"rank_{rank}.pt"))
     trainer["world_size"] = world_size
     trainer["num_classes"] = num_classes
+    trainer["num_subcenters"] = k
     save_atomic(trainer, os.path.join(folder, "trainer.pt"))
     write_manifest(folder, world_size, step, run_id=trainer.get("run_id"))
     log(f"wrote {folder}: {num_classes} classes over {world_size} ranks, step {step}")

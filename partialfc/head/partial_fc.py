@@ -42,8 +42,9 @@ class CenterGrad:
     linear in that gradient.
     """
 
-    def __init__(self, index, table):
-        self.index = index  # [S] sorted local class ids
+    def __init__(self, index, table, identities=None):
+        self.index = index  # [S] sorted rows of the table (with K sub-centers, [S*K]: all K rows of each identity)
+        self.identities = index if identities is None else identities  # [S] sorted local class ids
         self.table = table
         self.centers = self.inv_norm = None  # [S, D] compute dtype, [S]: set by the forward
         self.normalized_grad = None  # [S, D]: set by the backward
@@ -175,7 +176,7 @@ class MarginSoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, anchor, weight, target, center_grad, margin, filter_threshold, comm, table,
-                adaptive=None):
+                adaptive=None, num_subcenters=1):
         index = center_grad.index
         batch, num_sample, dim = features.shape[0], index.numel(), weight.shape[1]
         acc = accumulation_dtype(weight.dtype)
@@ -190,6 +191,11 @@ class MarginSoftmaxLoss(torch.autograd.Function):
             else:
                 low = table.empty_logits("logits_lowp", batch, num_sample, features.dtype)
                 logits.copy_(table.mm_into(features, centers.t(), low))
+            argmax = None
+            if num_subcenters > 1:
+                # Sub-center ArcFace: an identity's cosine is its nearest sub-center's [B, S]; the margin softmax
+                # runs on those, and the backward sends each gradient to that sub-center (argmax [B, S]).
+                logits, argmax = table.subcenter_max(logits, num_subcenters)
             # In place: clamp, margin on the target column, scale; one online pass for the row statistics.
             adaptive_kwargs = None
             if adaptive is None:
@@ -206,6 +212,7 @@ class MarginSoftmaxLoss(torch.autograd.Function):
         ctx.margin, ctx.filter_threshold, ctx.adaptive_kwargs = margin, filter_threshold, adaptive_kwargs
         ctx.save_for_backward(features)
         ctx.buffers = (centers, logits, target, global_max, global_sum_exp, target_cos)
+        ctx.subcenters = (num_subcenters, argmax)
         return loss
 
     @staticmethod
@@ -231,11 +238,14 @@ class MarginSoftmaxLoss(torch.autograd.Function):
                                                        m2, m3, grad_scale, ctx.filter_threshold,
                                                        **ctx.adaptive_kwargs)
             grad_logits = logits  # [B, S]
-            if features.dtype != logits.dtype:
-                grad_logits = table.empty_logits("logits_lowp", *logits.shape, features.dtype).copy_(logits)
+            num_subcenters, argmax = ctx.subcenters
+            if argmax is not None:
+                grad_logits = table.subcenter_max_backward(logits, argmax, num_subcenters)  # [B, S*K]
+            if features.dtype != grad_logits.dtype:
+                grad_logits = table.empty_logits("logits_lowp", *grad_logits.shape, features.dtype).copy_(grad_logits)
             grad_features = torch.mm(grad_logits, centers) if ctx.needs_input_grad[0] else None  # [B, D]
             ctx.center_grad.add(grad_logits, features)  # [S, D]
-        return grad_features, None, None, None, None, None, None, None, None, None
+        return grad_features, None, None, None, None, None, None, None, None, None, None
 
 
 def partition_classes(num_classes, rank, world_size):
@@ -253,10 +263,14 @@ class PartialFC(nn.Module):
     """
 
     def __init__(self, embedding_size, num_classes, sample_rate=1.0, margin=(64.0, 1.0, 0.5, 0.0), comm=None,
-                 interclass_filtering_threshold=0.0, seed=2048, use_ext=True):
+                 interclass_filtering_threshold=0.0, seed=2048, use_ext=True, num_subcenters=1):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if int(num_subcenters) != num_subcenters or num_subcenters < 1:
+            raise ValueError(f"num_subcenters must be a positive integer, got {num_subcenters!r}")
+        # K sub-centers per identity (sub-center ArcFace): identity c's rows are c*K .. c*K+K-1 of the shard.
+        self.num_subcenters = int(num_subcenters)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.comm = comm if comm is not None else get_comm()
@@ -275,7 +289,7 @@ class PartialFC(nn.Module):
         self.ops = ops.op_table("cpu", self.use_ext)  # follows the table's device, see _apply
         init = torch.Generator().manual_seed(seed + self.comm.rank)
         # Class centers are updated by SparseSGD only; autograd never sees them as a leaf.
-        weight = self.ops.empty_table((self.num_local, embedding_size), torch.float32)
+        weight = self.ops.empty_table((self.num_local * self.num_subcenters, embedding_size), torch.float32)
         self.weight = nn.Parameter(weight.normal_(0, 0.01, generator=init), requires_grad=False)
         self.sampler = torch.Generator().manual_seed(seed * 7919 + self.comm.rank)
         self.center_grad = None  # CenterGrad of the current sample
@@ -312,13 +326,22 @@ class PartialFC(nn.Module):
 
     @property
     def sampled_index(self):
-        """``[S]`` local class ids of the current sample (None before the first)."""
+        """``[S]`` local class ids of the current sample (None before the first); with K sub-centers, the
+        ``[S*K]`` rows of the table they sampled (the identities are ``center_grad.identities``)."""
         return None if self.center_grad is None else self.center_grad.index
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, num_sample={self.num_sample}, "
-                f"margin={self.margin}")
+                f"margin={self.margin}" + (f", num_subcenters={self.num_subcenters}" if self.num_subcenters > 1 else ""))
+
+    def subcenter_rows(self, identities):
+        """The table rows ``[S*K]`` of the local identities ``[S]``: all K sub-centers of each, in order (the
+        identities themselves when K = 1)."""
+        k = self.num_subcenters
+        if k == 1:
+            return identities
+        return (identities[:, None] * k + torch.arange(k, device=identities.device)).flatten()
 
     def sample(self, labels):
         """``(index [S], target [B])`` for the global labels; see ``ops.sample_classes_ref``."""
@@ -332,18 +355,19 @@ class PartialFC(nn.Module):
             self.holding_sample = False
             return
         labels = torch.cat([self.comm.allgather(lab.long()) for lab in local_labels_list])
-        self.center_grad = CenterGrad(self.sample(labels)[0], self.ops)
+        identities = self.sample(labels)[0]
+        self.center_grad = CenterGrad(self.subcenter_rows(identities), self.ops, identities)
         self.holding_sample = True
 
     def forward(self, local_embeddings, local_labels):
         labels = self._gather_labels(local_embeddings, local_labels)  # [B] global class ids
         if self.holding_sample:
             # Micro-batches of one optimizer step share the sample, so their center gradients add up.
-            index = self.center_grad.index
+            index = self.center_grad.identities
             target = ops.remap_labels(labels, self.class_start, self.num_local, index)
         else:
             index, target = self.sample(labels)  # [S] sorted local ids, [B] in [0, S) or -1 (other rank)
-            self.center_grad = CenterGrad(index, self.ops)
+            self.center_grad = CenterGrad(self.subcenter_rows(index), self.ops, index)
         embeddings = allgather_with_grad(local_embeddings, self.comm)  # [B, D]
         features = F.normalize(embeddings.to(accumulation_dtype(self.weight.dtype)), dim=1)
         features = features.to(compute_dtype(embeddings, self.weight))  # [B, D]
@@ -351,7 +375,8 @@ class PartialFC(nn.Module):
         if adaptive is not None:
             margin = self.margin.scalars
         return MarginSoftmaxLoss.apply(features, self.center_grad.anchor, self.weight, target, self.center_grad,
-                                       margin, self.interclass_filtering_threshold, self.comm, self.ops, adaptive)
+                                       margin, self.interclass_filtering_threshold, self.comm, self.ops, adaptive,
+                                       self.num_subcenters)
 
     def _adaptive_args(self, embeddings):
         """The adaptive margin's arguments for this step (None for a fixed margin). The running statistics

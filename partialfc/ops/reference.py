@@ -140,29 +140,37 @@ def margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold=0
     filtering, scale by ``s``. Returns the per-row statistics the distributed combine needs:
     ``(row_max [B], sum_exp [B] relative to row_max, target_logit [B], target_cos [B])``; the last two are 0
     in rows whose target lives on another rank (``labels == -1``).
+
+    bfloat16 / float16 logits are transformed in float32 and stored rounded once; the statistics are float32
+    (float64 for float64 logits) and those of the stored values. NaN rule: a NaN in a row makes its row max,
+    sum-exp (and so its loss) NaN; a cosine of +-inf is clamped to +-1 like any other.
     """
-    logits.clamp_(-1.0, 1.0)
+    acc = accumulation_dtype(logits.dtype)
+    cosines = logits.to(acc).clamp_(-1.0, 1.0)  # logits itself when they hold the accumulation dtype
     rows = torch.nonzero(labels >= 0).squeeze(1)
     cols = labels[rows]
-    target_cos = torch.zeros(labels.shape[0], dtype=logits.dtype, device=logits.device)
-    target_cos[rows] = logits[rows, cols]
+    target_cos = torch.zeros(labels.shape[0], dtype=acc, device=logits.device)
+    target_cos[rows] = cosines[rows, cols]
     if filter_threshold > 0 and rows.numel():
         # Non-target classes too close to the sample are probably mislabeled duplicates: drop their logit.
-        sub = logits[rows]
+        sub = cosines[rows]
         too_close = sub > filter_threshold
         too_close[torch.arange(rows.numel(), device=logits.device), cols] = False
-        logits[rows] = sub.masked_fill(too_close, 0.0)
+        cosines[rows] = sub.masked_fill(too_close, 0.0)
     value, _ = _margin_and_derivative(target_cos[rows], m1, m2, m3)
-    logits[rows, cols] = value
-    logits.mul_(s)
+    cosines[rows, cols] = value
+    cosines.mul_(s)
+    if cosines is not logits:
+        logits.copy_(cosines)
+    values = logits.to(acc)  # the stored logits
     target_logit = torch.zeros_like(target_cos)
-    target_logit[rows] = logits[rows, cols]
+    target_logit[rows] = values[rows, cols]
     if logits.shape[1] == 0:
         row_max = torch.full_like(target_cos, -math.inf)
         sum_exp = torch.zeros_like(target_cos)
     else:
-        row_max = logits.max(dim=1).values
-        sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=1)
+        row_max = values.max(dim=1).values  # NaN when the row holds one
+        sum_exp = torch.exp(values - row_max[:, None]).sum(dim=1)
     return row_max, sum_exp, target_logit, target_cos
 
 
@@ -171,20 +179,25 @@ def margin_softmax_backward_ref(logits, labels, global_max, global_sum_exp, targ
     """In place on the scaled logits ``[B, S]`` of the forward: ``d loss_sum / d cosine * grad_scale``.
 
     ``grad[b, j] = (softmax[b, j] - onehot[b, j]) * s * grad_scale``, times ``df/dt`` on the target column.
-    With filtering, the dropped logits (exactly 0 after the forward) get no gradient.
+    With filtering, the dropped logits (exactly 0 after the forward) get no gradient. bfloat16 / float16 logits
+    are computed in float32 and the gradient stored rounded once. A row with NaN statistics gets NaN
+    gradients (the dropped logits keep 0).
     """
+    grad = logits.to(accumulation_dtype(logits.dtype))  # logits itself when they hold the accumulation dtype
     rows = torch.nonzero(labels >= 0).squeeze(1)
     cols = labels[rows]
     if filter_threshold > 0 and rows.numel():
-        dropped = logits[rows] == 0
+        dropped = grad[rows] == 0
         dropped[torch.arange(rows.numel(), device=logits.device), cols] = False
-    logits.sub_(global_max[:, None]).exp_().div_(global_sum_exp[:, None])
-    logits[rows, cols] -= 1.0
+    grad.sub_(global_max[:, None]).exp_().div_(global_sum_exp[:, None])
+    grad[rows, cols] -= 1.0
     _, deriv = _margin_and_derivative(target_cos[rows], m1, m2, m3)
-    logits[rows, cols] *= deriv
+    grad[rows, cols] *= deriv
     if filter_threshold > 0 and rows.numel():
-        logits[rows] = logits[rows].masked_fill(dropped, 0.0)
-    logits.mul_(s * grad_scale)
+        grad[rows] = grad[rows].masked_fill(dropped, 0.0)
+    grad.mul_(s * grad_scale)
+    if grad is not logits:
+        logits.copy_(grad)
     return logits
 
 
@@ -218,15 +231,16 @@ def _per_sample(base, sample, rows, like):
     return base + sample.to(like.dtype)[rows]
 
 
-def _hard_negatives(logits, labels, s, hard_threshold, hard_t):
-    """``(mask [B, S], logit values [B, S])`` of the stored entries: re-weighted negatives get
-    ``l * (hard_t + l / s)`` (``l = s * c``), rounded to the logits' dtype; the target column is never one."""
+def _hard_negatives(values, labels, s, hard_threshold, hard_t, dtype):
+    """``(mask [B, S], logit values [B, S])`` of the stored entries ``values`` (in the accumulation dtype):
+    re-weighted negatives get ``l * (hard_t + l / s)`` (``l = s * c``), rounded to the logits' ``dtype``; the
+    target column is never one."""
     if hard_threshold is None:
-        return None, logits
-    mask = logits / s > hard_threshold.to(logits.dtype)[:, None]
+        return None, values
+    mask = values / s > hard_threshold.to(values.dtype)[:, None]
     rows = torch.nonzero(labels >= 0).squeeze(1)
     mask[rows, labels[rows]] = False
-    return mask, torch.where(mask, logits * (hard_t + logits / s), logits)
+    return mask, torch.where(mask, (values * (hard_t + values / s)).to(dtype).to(values.dtype), values)
 
 
 def margin_softmax_forward_adaptive_ref(logits, labels, s, m1, m2, m3, filter_threshold=0.0, sample_m2=None,
@@ -239,23 +253,27 @@ def margin_softmax_forward_adaptive_ref(logits, labels, s, m1, m2, m3, filter_th
     """
     if not 0.0 <= clip_eps < 0.5:
         raise ValueError(f"margin_softmax_forward_adaptive: clip_eps must be in [0, 0.5), got {clip_eps}")
-    logits.clamp_(-1.0 + clip_eps, 1.0 - clip_eps)
+    acc = accumulation_dtype(logits.dtype)
+    cosines = logits.to(acc).clamp_(-1.0 + clip_eps, 1.0 - clip_eps)  # as in margin_softmax_forward_ref
     rows = torch.nonzero(labels >= 0).squeeze(1)
     cols = labels[rows]
-    target_cos = torch.zeros(labels.shape[0], dtype=logits.dtype, device=logits.device)
-    target_cos[rows] = logits[rows, cols]
+    target_cos = torch.zeros(labels.shape[0], dtype=acc, device=logits.device)
+    target_cos[rows] = cosines[rows, cols]
     if filter_threshold > 0 and rows.numel():
-        sub = logits[rows]
+        sub = cosines[rows]
         too_close = sub > filter_threshold
         too_close[torch.arange(rows.numel(), device=logits.device), cols] = False
-        logits[rows] = sub.masked_fill(too_close, 0.0)
-    value, _ = _adaptive_margin_and_derivative(target_cos[rows], m1, _per_sample(m2, sample_m2, rows, logits),
-                                               _per_sample(m3, sample_m3, rows, logits), clip_eps)
-    logits[rows, cols] = value
-    logits.mul_(s)
+        cosines[rows] = sub.masked_fill(too_close, 0.0)
+    value, _ = _adaptive_margin_and_derivative(target_cos[rows], m1, _per_sample(m2, sample_m2, rows, cosines),
+                                               _per_sample(m3, sample_m3, rows, cosines), clip_eps)
+    cosines[rows, cols] = value
+    cosines.mul_(s)
+    if cosines is not logits:
+        logits.copy_(cosines)
+    stored = logits.to(acc)
     target_logit = torch.zeros_like(target_cos)
-    target_logit[rows] = logits[rows, cols]
-    _, values = _hard_negatives(logits, labels, s, hard_threshold, hard_t)
+    target_logit[rows] = stored[rows, cols]
+    _, values = _hard_negatives(stored, labels, s, hard_threshold, hard_t, logits.dtype)
     if logits.shape[1] == 0:
         row_max = torch.full_like(target_cos, -math.inf)
         sum_exp = torch.zeros_like(target_cos)
@@ -271,25 +289,27 @@ def margin_softmax_backward_adaptive_ref(logits, labels, global_max, global_sum_
     """In place on the forward's buffer: ``d loss_sum / d cosine * grad_scale`` for the adaptive margins. A
     re-weighted negative's gradient has the factor ``hard_t + 2 c``; dropped (filtered) entries and, with
     ``clip_eps > 0``, cosines on the clamp get none."""
+    acc = accumulation_dtype(logits.dtype)
+    stored = logits.to(acc)
     rows = torch.nonzero(labels >= 0).squeeze(1)
     cols = labels[rows]
     no_grad = torch.zeros_like(logits, dtype=torch.bool)
     if filter_threshold > 0 and rows.numel():
-        no_grad[rows] = logits[rows] == 0
+        no_grad[rows] = stored[rows] == 0
     if clip_eps > 0:
-        # the clamp's bounds as the forward stored them: (bound in the logits' dtype) * s
-        lo, hi = (torch.tensor(b, dtype=logits.dtype, device=logits.device) * s for b in (-1.0 + clip_eps,
-                                                                                          1.0 - clip_eps))
-        no_grad |= (logits <= lo) | (logits >= hi)
+        # the clamp's bounds as the forward stored them: bound * s (in the accumulation dtype), rounded
+        lo, hi = ((torch.tensor(b, dtype=acc, device=logits.device) * s).to(logits.dtype).to(acc)
+                  for b in (-1.0 + clip_eps, 1.0 - clip_eps))
+        no_grad |= (stored <= lo) | (stored >= hi)
     no_grad[rows, cols] = False
-    mask, values = _hard_negatives(logits, labels, s, hard_threshold, hard_t)
-    slope = None if mask is None else torch.where(mask, hard_t + 2 * (logits / s), torch.ones_like(logits))
+    mask, values = _hard_negatives(stored, labels, s, hard_threshold, hard_t, logits.dtype)
+    slope = None if mask is None else torch.where(mask, hard_t + 2 * (stored / s), torch.ones_like(stored))
     grad = torch.exp(values - global_max[:, None]) / global_sum_exp[:, None]
     if slope is not None:
         grad = grad * slope
-    target_p = torch.exp(logits[rows, cols] - global_max[rows]) / global_sum_exp[rows]
-    _, deriv = _adaptive_margin_and_derivative(target_cos[rows], m1, _per_sample(m2, sample_m2, rows, logits),
-                                               _per_sample(m3, sample_m3, rows, logits), clip_eps)
+    target_p = torch.exp(stored[rows, cols] - global_max[rows]) / global_sum_exp[rows]
+    _, deriv = _adaptive_margin_and_derivative(target_cos[rows], m1, _per_sample(m2, sample_m2, rows, stored),
+                                               _per_sample(m3, sample_m3, rows, stored), clip_eps)
     grad[rows, cols] = (target_p - 1.0) * deriv
     logits.copy_(grad.masked_fill(no_grad, 0.0).mul_(s * grad_scale))
     return logits
@@ -329,11 +349,88 @@ def subcenter_max_backward_ref(grad, argmax, num_subcenters):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Stochastic rounding of the updates' float32 results to a bfloat16 / float16 table
+# (csrc/ops/stochastic_rounding.h: the same hash and rounding, bit for bit)
+
+_MASK32 = 0xFFFFFFFF
+ROUND_WEIGHT, ROUND_MOMENTUM, ROUND_EXP_AVG_SQ = 0, 1, 2  # one stream of random bits per rounded tensor
+
+
+def _mul32(x, c):
+    """``x * c mod 2^32`` for ``x`` in [0, 2^32) (int64 tensor or int) without leaving int64's range."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x):
+    """lowbias32, a bijective 32-bit finalizer, on ints or int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rounding_row_keys(seed, step, classes):
+    """The hash of ``(seed, step, class id)`` for each of ``classes`` (int64 [S] global class ids)."""
+    k = _mix32((seed & _MASK32) ^ 0x9E3779B9)
+    k = _mix32(k ^ ((seed >> 32) & _MASK32))
+    k = _mix32(k ^ (step & _MASK32))
+    k = _mix32((classes & _MASK32) ^ k)
+    return _mix32(k ^ ((classes >> 32) & _MASK32))
+
+
+def _as_float32(bits):
+    """float32 tensor with the bit patterns ``bits`` (int64 holding [0, 2^32))."""
+    return torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32).view(torch.float32)
+
+
+def stochastic_round_ref(values, dtype, row_keys, stream):
+    """``values`` [S, D] (float32) rounded to ``dtype`` (bfloat16 or float16) stochastically: to the next
+    representable value above with probability (distance from the one below) / (their spacing), so the expected
+    result is the value itself. The random bits of element (i, j) are ``mix32(row_keys[i] ^ (4 j + stream))``."""
+    cols = torch.arange(values.shape[1], device=values.device, dtype=torch.int64)
+    bits = _mix32(row_keys[:, None] ^ ((cols * 4 + stream) & _MASK32)[None, :])  # [S, D]
+    u = values.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    mag, sign = u & 0x7FFFFFFF, u & 0x80000000
+    special = mag >= 0x7F800000  # inf, NaN: converted as they are
+    if dtype == torch.bfloat16:
+        rounded = _as_float32((u + (bits & 0xFFFF)) & 0xFFFF0000).to(dtype)
+    elif dtype == torch.float16:
+        # Normal float16 range: carry over the 13 dropped mantissa bits; subnormal range: multiples of 2^-24.
+        normal = _as_float32(((mag + (bits & 0x1FFF)) & ~0x1FFF) | sign)
+        scaled = _as_float32(mag) * 16777216.0
+        whole = torch.floor(scaled)
+        draw = (bits >> 8).to(torch.float32) * (1.0 / 16777216.0)
+        q = torch.where(draw < scaled - whole, whole + 1.0, whole) * (1.0 / 16777216.0)
+        sub = _as_float32((q.view(torch.int32).to(torch.int64) & _MASK32) | sign)
+        rounded = torch.where(mag >= 0x38800000, normal, sub).to(dtype)
+    else:
+        raise ValueError(f"stochastic_round_ref: dtype must be bfloat16 or float16, got {dtype}")
+    return torch.where(special, values.to(dtype), rounded)
+
+
+def _stochastic(weight, rounding_seed):
+    return rounding_seed is not None and weight.dtype in (torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Sparse SGD with momentum on the sampled rows
 
 
-def sparse_sgd_update_ref(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
-    """``torch.optim.SGD`` (dampening 0, no Nesterov) applied to the rows ``index`` only, in place."""
+def sparse_sgd_update_ref(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay, rounding_seed=None,
+                          rounding_step=0, class_start=0):
+    """``torch.optim.SGD`` (dampening 0, no Nesterov) applied to the rows ``index`` only, in place.
+
+    With ``rounding_seed``, a bfloat16 / float16 table takes the update in float32 (the gradient as it comes)
+    and momentum and weight are written with ``stochastic_round_ref``, keyed by ``(rounding_seed,
+    rounding_step, class_start + index)``; otherwise rounded to nearest."""
+    if _stochastic(weight, rounding_seed):
+        w = weight.index_select(0, index).float()
+        mv = momentum_buffer.index_select(0, index).float() * momentum + (grad_rows.float() + weight_decay * w)
+        keys = rounding_row_keys(int(rounding_seed), int(rounding_step), index + class_start)
+        momentum_buffer.index_copy_(0, index, stochastic_round_ref(mv, weight.dtype, keys, ROUND_MOMENTUM))
+        weight.index_copy_(0, index, stochastic_round_ref(w - lr * mv, weight.dtype, keys, ROUND_WEIGHT))
+        return
     w = weight.index_select(0, index)
     g = grad_rows.to(weight.dtype)
     if weight_decay:
@@ -344,7 +441,7 @@ def sparse_sgd_update_ref(weight, momentum_buffer, index, grad_rows, lr, momentu
 
 
 def normalize_backward_sgd_update_ref(weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
-                                      weight_decay, grad_scale=1.0):
+                                      weight_decay, grad_scale=1.0, rounding_seed=None, rounding_step=0, class_start=0):
     """``sparse_sgd_update`` of the gradient rows that ``gather_normalize_backward`` gives for
     ``grad_normalized`` [S, D] (the gradient of the normalized rows), divided by ``grad_scale``.
 
@@ -355,7 +452,8 @@ def normalize_backward_sgd_update_ref(weight, momentum_buffer, index, grad_norma
     rows = gather_normalize_backward_ref(grad_normalized, normalized, inv_norm)
     if grad_scale != 1.0:
         rows = rows / grad_scale
-    sparse_sgd_update_ref(weight, momentum_buffer, index, rows, lr, momentum, weight_decay)
+    sparse_sgd_update_ref(weight, momentum_buffer, index, rows, lr, momentum, weight_decay, rounding_seed,
+                          rounding_step, class_start)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,7 +461,7 @@ def normalize_backward_sgd_update_ref(weight, momentum_buffer, index, grad_norma
 
 
 def sparse_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, lr, beta1, beta2, eps,
-                            weight_decay):
+                            weight_decay, rounding_seed=None, rounding_step=0, class_start=0):
     """``torch.optim.AdamW`` (no amsgrad) applied to the rows ``index`` only, in place, each row with its own
     step count ``row_step[index]`` (int64 or int32 [C]) for the bias corrections.
 
@@ -371,6 +469,10 @@ def sparse_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, grad_r
     ``w *= 1 - lr * weight_decay``; ``m = lerp(m, g, 1 - beta1)``; ``v = beta2 * v + (1 - beta2) * g * g``;
     ``w -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``. Rows not in ``index`` keep weight,
     moments and step bit for bit. ``index`` must hold distinct rows.
+
+    A bfloat16 / float16 table keeps ``exp_avg`` in its dtype and ``exp_avg_sq`` in its dtype or float32; the
+    math runs in float32, and with ``rounding_seed`` the gradient is used as it comes and the three results are
+    written with ``stochastic_round_ref`` (as in ``sparse_sgd_update_ref``).
     """
     acc = accumulation_dtype(weight.dtype)
     step = row_step.index_select(0, index) + 1
@@ -379,6 +481,22 @@ def sparse_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, grad_r
     # Per-row constants in float64, as torch.optim.AdamW forms them in Python floats.
     step_size = (lr / (1 - beta1 ** t)).to(acc)[:, None]
     bc2_sqrt = (1 - beta2 ** t).sqrt().to(acc)[:, None]
+    if _stochastic(weight, rounding_seed):
+        # The kernels' order of operations, one float32 rounding each.
+        g = grad_rows.float()
+        w = weight.index_select(0, index).float() * (1 - lr * weight_decay)
+        m0 = exp_avg.index_select(0, index).float()
+        m = m0 + (1 - beta1) * (g - m0)
+        v = exp_avg_sq.index_select(0, index).float() * beta2 + ((1 - beta2) * g) * g
+        w = w - step_size * (m / (v.sqrt() / bc2_sqrt + eps))
+        keys = rounding_row_keys(int(rounding_seed), int(rounding_step), index + class_start)
+        exp_avg.index_copy_(0, index, stochastic_round_ref(m, exp_avg.dtype, keys, ROUND_MOMENTUM))
+        if exp_avg_sq.dtype == torch.float32:
+            exp_avg_sq.index_copy_(0, index, v)
+        else:
+            exp_avg_sq.index_copy_(0, index, stochastic_round_ref(v, exp_avg_sq.dtype, keys, ROUND_EXP_AVG_SQ))
+        weight.index_copy_(0, index, stochastic_round_ref(w, weight.dtype, keys, ROUND_WEIGHT))
+        return
     g = grad_rows.to(weight.dtype).to(acc)
     w = weight.index_select(0, index).to(acc)
     if weight_decay:
@@ -392,7 +510,8 @@ def sparse_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, grad_r
 
 
 def normalize_backward_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized, inv_norm, lr,
-                                        beta1, beta2, eps, weight_decay, grad_scale=1.0):
+                                        beta1, beta2, eps, weight_decay, grad_scale=1.0, rounding_seed=None,
+                                        rounding_step=0, class_start=0):
     """``sparse_adamw_update`` of the gradient rows that ``gather_normalize_backward`` gives for
     ``grad_normalized`` [S, D], divided by ``grad_scale``; the normalized rows are recomputed from the table
     (unchanged since the forward), as in ``normalize_backward_sgd_update_ref``."""
@@ -400,4 +519,5 @@ def normalize_backward_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, i
     rows = gather_normalize_backward_ref(grad_normalized, normalized, inv_norm)
     if grad_scale != 1.0:
         rows = rows / grad_scale
-    sparse_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, rows, lr, beta1, beta2, eps, weight_decay)
+    sparse_adamw_update_ref(weight, exp_avg, exp_avg_sq, row_step, index, rows, lr, beta1, beta2, eps, weight_decay,
+                            rounding_seed, rounding_step, class_start)

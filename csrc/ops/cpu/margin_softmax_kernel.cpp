@@ -142,7 +142,32 @@ void softmax_scale_f32(float* row, int64_t n, float shift, float inv_sum, float 
   softmax_scale_impl<vfloat4, vint4>(row, n, shift, inv_sum * scale);
 }
 
-// Clamp to [-1, 1] (NaN stays NaN, as torch.clamp), multiply by s, and return the row max (NaN ignored);
+// The NaN rule of the margin ops: a NaN anywhere in a row is that row's max (and so its sum-exp, loss and
+// gradients), as torch.max has it; comparisons alone (std::max) would skip it.
+template <typename T>
+PARTIALFC_INLINE T nan_max(T m, T v) {
+  return (v > m || v != v) ? v : m;
+}
+template <typename VF>
+PARTIALFC_INLINE VF nan_max_vec(VF m, VF v) {
+  return ((v > m) | (v != v)) ? v : m;
+}
+
+// One step of the online (max, sum-exp) of a row, for the half-precision rows swept once: the sum is kept
+// relative to the running max and rescaled when the max grows.
+template <typename acc_t>
+inline void online_add(acc_t& mx, acc_t& sum, acc_t l) {
+  if (l > mx) {
+    sum = sum * std::exp(mx - l) + acc_t(1);
+    mx = l;
+  } else if (l != l) {
+    mx = sum = l;
+  } else {
+    sum += std::exp(l - mx);
+  }
+}
+
+// Clamp to [-1, 1] (NaN stays NaN, as torch.clamp), multiply by s, and return the row max (NaN rule);
 // the target column (if any) is rewritten after. Written with vector types: the scalar form's branches kept
 // GCC from vectorizing it, and it cost three times the exp pass.
 template <typename VF>
@@ -157,21 +182,21 @@ PARTIALFC_INLINE float clamp_scale_max_impl(float* row, int64_t n, float s) {
     v = v > hi ? hi : v;
     v = v * s;
     std::memcpy(row + j, &v, sizeof(v));
-    vmx = v > vmx ? v : vmx;
+    vmx = nan_max_vec(vmx, v);
   }
   float mx = -std::numeric_limits<float>::infinity();
-  for (int i = 0; i < lanes; ++i) mx = vmx[i] > mx ? vmx[i] : mx;
+  for (int i = 0; i < lanes; ++i) mx = nan_max(mx, vmx[i]);
   for (; j < n; ++j) {
     float v = row[j];
     v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
     v = v * s;
     row[j] = v;
-    mx = v > mx ? v : mx;
+    mx = nan_max(mx, v);
   }
   return mx;
 }
 
-// max_j row[j] (NaN ignored), for the rows whose target column held the max before the margin.
+// max_j row[j] (NaN rule), for the rows whose target column held the max before the margin.
 template <typename VF>
 PARTIALFC_INLINE float row_max_impl(const float* row, int64_t n) {
   constexpr int lanes = sizeof(VF) / sizeof(float);
@@ -179,11 +204,11 @@ PARTIALFC_INLINE float row_max_impl(const float* row, int64_t n) {
   int64_t j = 0;
   for (; j + lanes <= n; j += lanes) {
     const VF v = load_vec<VF>(row + j);
-    vmx = v > vmx ? v : vmx;
+    vmx = nan_max_vec(vmx, v);
   }
   float mx = -std::numeric_limits<float>::infinity();
-  for (int i = 0; i < lanes; ++i) mx = vmx[i] > mx ? vmx[i] : mx;
-  for (; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+  for (int i = 0; i < lanes; ++i) mx = nan_max(mx, vmx[i]);
+  for (; j < n; ++j) mx = nan_max(mx, row[j]);
   return mx;
 }
 
@@ -215,6 +240,12 @@ inline scalar_t* row_ptr(const at::Tensor& t, int64_t r) {
   return t.data_ptr<scalar_t>() + r * t.stride(0);
 }
 
+// Half-precision logits: whether a dtype is read into float32 and swept once (online max and sum-exp).
+template <typename scalar_t>
+constexpr bool half_precision() {
+  return std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+}
+
 template <typename scalar_t>
 void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams& mp, at::Tensor& row_max,
                   at::Tensor& sum_exp, at::Tensor& target_logit, at::Tensor& target_cos) {
@@ -223,10 +254,10 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
   const acc_t s = static_cast<acc_t>(mp.s), m1 = static_cast<acc_t>(mp.m1), m2 = static_cast<acc_t>(mp.m2),
               m3 = static_cast<acc_t>(mp.m3), thr = static_cast<acc_t>(mp.filter_threshold);
   const bool plain = mp.plain(), filter = mp.filter_threshold > 0;
-  scalar_t* out_max = row_max.data_ptr<scalar_t>();
-  scalar_t* out_sum = sum_exp.data_ptr<scalar_t>();
-  scalar_t* out_tl = target_logit.data_ptr<scalar_t>();
-  scalar_t* out_tc = target_cos.data_ptr<scalar_t>();
+  acc_t* out_max = row_max.data_ptr<acc_t>();
+  acc_t* out_sum = sum_exp.data_ptr<acc_t>();
+  acc_t* out_tl = target_logit.data_ptr<acc_t>();
+  acc_t* out_tc = target_cos.data_ptr<acc_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = row_ptr<scalar_t>(logits, r);
@@ -235,6 +266,27 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
       acc_t tc = 0;
       if (t >= 0) tc = clamp_cos(static_cast<acc_t>(row[t * cs]));
       const bool filter_row = filter && t >= 0;
+      if constexpr (half_precision<scalar_t>()) {
+        // One sweep in float32: clamp, filter, margin, scale, store rounded; the statistics are those of the
+        // stored values, which the backward reads.
+        const scalar_t target = static_cast<scalar_t>(t >= 0 ? margin_value(tc, m1, m2, m3, plain) * s : acc_t(0));
+        acc_t mx = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+        for (int64_t j = 0; j < cols; ++j) {
+          scalar_t stored = target;
+          if (j != t) {
+            acc_t v = clamp_cos(static_cast<acc_t>(row[j * cs]));
+            if (filter_row && v > thr) v = 0;  // inter-class filtering
+            stored = static_cast<scalar_t>(v * s);
+          }
+          row[j * cs] = stored;
+          online_add(mx, sum, static_cast<acc_t>(stored));
+        }
+        out_max[r] = mx;
+        out_sum[r] = sum;
+        out_tl[r] = t >= 0 ? static_cast<acc_t>(target) : acc_t(0);
+        out_tc[r] = tc;
+        continue;
+      }
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
       bool done = false;
       if constexpr (std::is_same_v<scalar_t, float>) {
@@ -250,7 +302,7 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
           if (filter_row && j != t && v > thr) v = 0;
           const scalar_t stored = static_cast<scalar_t>(v * s);
           row[j * cs] = stored;
-          mx = std::max(mx, static_cast<acc_t>(stored));
+          mx = nan_max(mx, static_cast<acc_t>(stored));
         }
       }
       acc_t tl = 0;
@@ -258,10 +310,11 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
         const scalar_t stored = static_cast<scalar_t>(margin_value(tc, m1, m2, m3, plain) * s);
         row[t * cs] = stored;
         tl = static_cast<acc_t>(stored);
-        // The target column changed: the row max must account for it (recompute only if it was the max).
+        // The target column changed: the row max must account for it (recompute only if it was the max; a
+        // NaN max stays: the NaN is in another column, or the target's own cosine was NaN).
         if (tl > mx) {
           mx = tl;
-        } else if (static_cast<acc_t>(static_cast<scalar_t>(tc * s)) == mx || mx != mx) {
+        } else if (static_cast<acc_t>(static_cast<scalar_t>(tc * s)) == mx) {
           mx = -std::numeric_limits<acc_t>::infinity();
           bool fast = false;
           if constexpr (std::is_same_v<scalar_t, float>) {
@@ -271,7 +324,7 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
             }
           }
           if (!fast) {
-            for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, static_cast<acc_t>(row[j * cs]));
+            for (int64_t j = 0; j < cols; ++j) mx = nan_max(mx, static_cast<acc_t>(row[j * cs]));
           }
         }
       }
@@ -288,10 +341,10 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
           for (int64_t j = 0; j < cols; ++j) sum += std::exp(static_cast<acc_t>(row[j * cs]) - mx);
         }
       }
-      out_max[r] = static_cast<scalar_t>(mx);
-      out_sum[r] = static_cast<scalar_t>(sum);
-      out_tl[r] = static_cast<scalar_t>(tl);
-      out_tc[r] = static_cast<scalar_t>(t >= 0 ? tc : acc_t(0));
+      out_max[r] = mx;
+      out_sum[r] = sum;
+      out_tl[r] = tl;
+      out_tc[r] = t >= 0 ? tc : acc_t(0);
     }
   });
 }
@@ -302,7 +355,7 @@ struct BackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t m1, m2, scale;
   bool plain, filter;
-  const scalar_t *gm, *gs, *tc;  // global max, global sum-exp and target cosine per sample
+  const acc_t *gm, *gs, *tc;  // global max, global sum-exp and target cosine per sample
   BackwardArgs(const at::Tensor& gmax, const at::Tensor& gsum, const at::Tensor& tcos, const MarginParams& mp,
                double grad_scale)
       : m1(static_cast<acc_t>(mp.m1)),
@@ -310,9 +363,9 @@ struct BackwardArgs {
         scale(static_cast<acc_t>(mp.s * grad_scale)),
         plain(mp.plain()),
         filter(mp.filter_threshold > 0),
-        gm(gmax.const_data_ptr<scalar_t>()),
-        gs(gsum.const_data_ptr<scalar_t>()),
-        tc(tcos.const_data_ptr<scalar_t>()) {}
+        gm(gmax.const_data_ptr<acc_t>()),
+        gs(gsum.const_data_ptr<acc_t>()),
+        tc(tcos.const_data_ptr<acc_t>()) {}
 };
 
 // ---- Class-major logits ----
@@ -351,7 +404,7 @@ std::vector<int32_t> column_targets(const int64_t* labels, int64_t batch, int64_
 }
 
 // float32 forward over class rows [j0, j1) of `base` (rows of `batch` floats): clamp, filter, margin on the
-// target, scale, store; then the block's per-sample max (NaN ignored) and sum-exp relative to it.
+// target, scale, store; then the block's per-sample max (NaN rule) and sum-exp relative to it.
 template <typename VF, typename VI>
 PARTIALFC_INLINE void forward_block_cols_impl(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt,
                                               const float* tval, float s, bool filter, float thr, float* mx,
@@ -381,8 +434,7 @@ PARTIALFC_INLINE void forward_block_cols_impl(float* base, int64_t batch, int64_
       } else {
         for (int64_t i = 0; i < batch - k; ++i) row[k + i] = v[i];
       }
-      VF m = load_vec<VF>(mx + k);
-      m = v > m ? v : m;
+      const VF m = nan_max_vec(load_vec<VF>(mx + k), v);
       std::memcpy(mx + k, &m, sizeof(m));
     }
   }
@@ -470,7 +522,7 @@ void forward_block_cols_scalar(scalar_t* base, int64_t batch, int64_t j0, int64_
       if (filter && tgt[b] >= 0 && tgt[b] != j && v > thr) v = 0;
       const scalar_t stored = tgt[b] == j ? static_cast<scalar_t>(tval[b]) : static_cast<scalar_t>(v * s);
       row[b] = stored;
-      mx[b] = static_cast<acc_t>(stored) > mx[b] ? static_cast<acc_t>(stored) : mx[b];
+      mx[b] = nan_max(mx[b], static_cast<acc_t>(stored));
     }
   }
   for (int64_t j = j0; j < j1; ++j) {
@@ -513,23 +565,23 @@ void forward_cols(at::Tensor& logits, const int64_t* labels, const MarginParams&
       }
     }
   });
-  scalar_t* out_max = row_max.data_ptr<scalar_t>();
-  scalar_t* out_sum = sum_exp.data_ptr<scalar_t>();
-  scalar_t* out_tl = target_logit.data_ptr<scalar_t>();
-  scalar_t* out_tc = target_cos.data_ptr<scalar_t>();
+  acc_t* out_max = row_max.data_ptr<acc_t>();
+  acc_t* out_sum = sum_exp.data_ptr<acc_t>();
+  acc_t* out_tl = target_logit.data_ptr<acc_t>();
+  acc_t* out_tc = target_cos.data_ptr<acc_t>();
   for (int64_t b = 0; b < batch; ++b) {
     acc_t mx = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t c = 0; c < num_blocks; ++c) mx = block_max[c * width + b] > mx ? block_max[c * width + b] : mx;
+    for (int64_t c = 0; c < num_blocks; ++c) mx = nan_max(mx, block_max[c * width + b]);
     acc_t sum = 0;
     for (int64_t c = 0; c < num_blocks; ++c) {
       const acc_t m = block_max[c * width + b];
-      // a block whose every logit is NaN has max -inf and a NaN sum, which must reach the total
+      // a NaN max (a block with a NaN logit) makes the total NaN through exp(m - mx)
       sum += m == mx ? block_sum[c * width + b] : block_sum[c * width + b] * std::exp(m - mx);
     }
-    out_max[b] = static_cast<scalar_t>(mx);
-    out_sum[b] = static_cast<scalar_t>(sum);
-    out_tl[b] = static_cast<scalar_t>(tgt[b] >= 0 ? tval[b] : acc_t(0));
-    out_tc[b] = static_cast<scalar_t>(tcos[b]);
+    out_max[b] = mx;
+    out_sum[b] = sum;
+    out_tl[b] = tgt[b] >= 0 ? tval[b] : acc_t(0);
+    out_tc[b] = tcos[b];
   }
 }
 
@@ -543,7 +595,7 @@ void backward_cols(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
   const BackwardArgs<scalar_t> a(gmax, gsum, tcos, mp, grad_scale);
   const acc_t m1 = a.m1, m2 = a.m2, scale = a.scale;
   const bool plain = a.plain, filter = a.filter;
-  const scalar_t *gm = a.gm, *gs = a.gs, *tc = a.tc;
+  const acc_t *gm = a.gm, *gs = a.gs, *tc = a.tc;
   // Per sample: the shift and factor of its softmax, and its target's gradient (from the stored target logit).
   std::vector<acc_t> shift(padded(batch), 0), inv_sum(padded(batch), 0), factor(padded(batch), 0),
       tgrad(padded(batch), 0);
@@ -582,6 +634,9 @@ void backward_cols(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
   });
 }
 
+// The dtype of the statistics, in and out: float32 for float32 and half-precision logits, float64 for float64.
+at::ScalarType accumulation_type(at::ScalarType logits) { return logits == at::kDouble ? at::kDouble : at::kFloat; }
+
 void check_logits(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [B, S], got ", logits.sizes());
   TORCH_CHECK(is_float_type(logits.scalar_type()), op, ": logits must be a floating tensor, got ",
@@ -597,7 +652,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
     double filter_threshold) {
   check_logits(logits, labels, "margin_softmax_forward");
   const int64_t rows = logits.size(0);
-  auto opts = logits.options();
+  auto opts = logits.options().dtype(accumulation_type(logits.scalar_type()));
   at::Tensor row_max = at::empty({rows}, opts), sum_exp = at::empty({rows}, opts);
   at::Tensor target_logit = at::empty({rows}, opts), target_cos = at::empty({rows}, opts);
   if (rows == 0) return {row_max, sum_exp, target_logit, target_cos};
@@ -621,7 +676,7 @@ void backward_rows(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
   const BackwardArgs<scalar_t> a(gmax, gsum, tcos, mp, grad_scale);
   const acc_t m1 = a.m1, m2 = a.m2, scale = a.scale;
   const bool plain = a.plain, filter = a.filter;
-  const scalar_t *gm = a.gm, *gs = a.gs, *tc = a.tc;
+  const acc_t *gm = a.gm, *gs = a.gs, *tc = a.tc;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = row_ptr<scalar_t>(logits, r);
@@ -664,9 +719,9 @@ void margin_softmax_backward_cpu(at::Tensor& logits, const at::Tensor& labels, c
   check_vector(global_sum_exp, rows, "global_sum_exp", op);
   check_vector(target_cos, rows, "target_cos", op);
   if (rows == 0 || logits.size(1) == 0) return;
-  const auto dtype = logits.scalar_type();
-  const at::Tensor gm = global_max.to(dtype).contiguous(), gs = global_sum_exp.to(dtype).contiguous();
-  const at::Tensor tc = target_cos.to(dtype).contiguous(), lab = labels.contiguous();
+  const auto dtype = logits.scalar_type(), acc = accumulation_type(dtype);
+  const at::Tensor gm = global_max.to(acc).contiguous(), gs = global_sum_exp.to(acc).contiguous();
+  const at::Tensor tc = target_cos.to(acc).contiguous(), lab = labels.contiguous();
   const MarginParams mp{s, m1, m2, m3, filter_threshold};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_backward", [&] {
     if (class_major(logits)) {
@@ -689,10 +744,10 @@ void forward_adaptive(at::Tensor& logits, const int64_t* labels, const AdaptiveI
   const int64_t rows = logits.size(0), cols = logits.size(1), cs = logits.stride(1);
   const acc_t thr = static_cast<acc_t>(filter_threshold), s = in.s;
   const bool filter = filter_threshold > 0;
-  scalar_t* out_max = row_max.data_ptr<scalar_t>();
-  scalar_t* out_sum = sum_exp.data_ptr<scalar_t>();
-  scalar_t* out_tl = target_logit.data_ptr<scalar_t>();
-  scalar_t* out_tc = target_cos.data_ptr<scalar_t>();
+  acc_t* out_max = row_max.data_ptr<acc_t>();
+  acc_t* out_sum = sum_exp.data_ptr<acc_t>();
+  acc_t* out_tl = target_logit.data_ptr<acc_t>();
+  acc_t* out_tc = target_cos.data_ptr<acc_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = row_ptr<scalar_t>(logits, r);
@@ -706,7 +761,7 @@ void forward_adaptive(at::Tensor& logits, const int64_t* labels, const AdaptiveI
       };
       const acc_t tc = t >= 0 ? clamp_to(static_cast<acc_t>(row[t * cs]), a.lo, a.hi) : acc_t(0);
       const bool filter_row = filter && t >= 0;
-      acc_t mx = -std::numeric_limits<acc_t>::infinity(), tl = 0;
+      acc_t mx = -std::numeric_limits<acc_t>::infinity(), tl = 0, online_sum = 0;
       for (int64_t j = 0; j < cols; ++j) {
         acc_t logit;
         if (j == t) {
@@ -720,17 +775,24 @@ void forward_adaptive(at::Tensor& logits, const int64_t* labels, const AdaptiveI
           row[j * cs] = stored;
           logit = negative(static_cast<acc_t>(stored));
         }
-        mx = std::max(mx, logit);
+        // Half-precision rows are swept once (online sum-exp); float32 / float64 keep two sweeps.
+        if constexpr (half_precision<scalar_t>()) {
+          online_add(mx, online_sum, logit);
+        } else {
+          mx = nan_max(mx, logit);
+        }
       }
-      acc_t sum = 0;
-      for (int64_t j = 0; j < cols; ++j) {
-        const acc_t l = static_cast<acc_t>(row[j * cs]);
-        sum += std::exp((j == t ? l : negative(l)) - mx);
+      acc_t sum = online_sum;
+      if constexpr (!half_precision<scalar_t>()) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const acc_t l = static_cast<acc_t>(row[j * cs]);
+          sum += std::exp((j == t ? l : negative(l)) - mx);
+        }
       }
-      out_max[r] = static_cast<scalar_t>(mx);
-      out_sum[r] = static_cast<scalar_t>(sum);
-      out_tl[r] = static_cast<scalar_t>(tl);
-      out_tc[r] = static_cast<scalar_t>(tc);
+      out_max[r] = mx;
+      out_sum[r] = sum;
+      out_tl[r] = tl;
+      out_tc[r] = tc;
     }
   });
 }
@@ -743,8 +805,8 @@ void backward_adaptive(at::Tensor& logits, const int64_t* labels, const at::Tens
   const int64_t rows = logits.size(0), cols = logits.size(1), cs = logits.stride(1);
   const acc_t scale = static_cast<acc_t>(static_cast<double>(in.s) * grad_scale);
   const bool filter = filter_threshold > 0;
-  const scalar_t *gm = gmax.const_data_ptr<scalar_t>(), *gs = gsum.const_data_ptr<scalar_t>(),
-                 *tc = tcos.const_data_ptr<scalar_t>();
+  const acc_t *gm = gmax.const_data_ptr<acc_t>(), *gs = gsum.const_data_ptr<acc_t>(),
+              *tc = tcos.const_data_ptr<acc_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = row_ptr<scalar_t>(logits, r);
@@ -786,10 +848,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
   const at::Tensor sm3 = adaptive_vector(sample_m3, logits, "sample_m3", op);
   const at::Tensor hard = adaptive_vector(hard_threshold, logits, "hard_threshold", op);
   const int64_t rows = logits.size(0);
-  auto opts = logits.options();
+  const auto dtype = logits.scalar_type();
+  auto opts = logits.options().dtype(accumulation_type(dtype));
   at::Tensor row_max = at::empty({rows}, opts), sum_exp = at::empty({rows}, opts);
   at::Tensor target_logit = at::empty({rows}, opts), target_cos = at::empty({rows}, opts);
-  const auto dtype = logits.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_forward_adaptive", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = adaptive_inputs<acc_t>(sm2, sm3, hard, s, m1, m2, m3, clip_eps, hard_t, op);
@@ -821,8 +883,9 @@ void margin_softmax_backward_adaptive_cpu(at::Tensor& logits, const at::Tensor& 
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = adaptive_inputs<acc_t>(sm2, sm3, hard, s, m1, m2, m3, clip_eps, hard_t, op);
     if (rows == 0 || logits.size(1) == 0) return;
-    const at::Tensor gm = global_max.to(dtype).contiguous(), gs = global_sum_exp.to(dtype).contiguous();
-    const at::Tensor tc = target_cos.to(dtype).contiguous(), lab = labels.contiguous();
+    const auto acc = accumulation_type(dtype);
+    const at::Tensor gm = global_max.to(acc).contiguous(), gs = global_sum_exp.to(acc).contiguous();
+    const at::Tensor tc = target_cos.to(acc).contiguous(), lab = labels.contiguous();
     backward_adaptive<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, in, grad_scale, filter_threshold);
   });
 }

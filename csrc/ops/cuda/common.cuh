@@ -24,12 +24,13 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// A NaN in any lane is every lane's result (fmaxf would drop it, and lanes would disagree).
 template <typename T>
 __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
     const T o = __shfl_xor_sync(0xffffffffu, v, offset);
-    v = o > v ? o : v;
+    v = (o > v || o != o) ? o : v;
   }
   return v;
 }

@@ -1,5 +1,8 @@
-// CUDA margin-softmax forward (one block per row: transform + max, then sum-exp over the row, in place)
-// and backward (one thread per logit, rows on grid.y).
+// CUDA margin-softmax forward and backward, in place on the logits (float32, float64, bfloat16 or float16;
+// arithmetic and statistics in float32, float64 for float64). Forward: for short rows one block per row
+// (transform + max, then sum-exp); for long rows each row split over blocks of one chunk each, swept once with
+// 16-byte loads and an online (max, sum-exp), then a small pass combining the chunks. Backward: one thread per
+// logit, rows on grid.y.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -24,8 +27,8 @@ __device__ __forceinline__ double m_exp(double x) { return ::exp(x); }
 template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs,
                                int64_t cs, acc_t s, acc_t m1, acc_t m2, acc_t m3, acc_t thr, bool plain, bool filter,
-                               scalar_t* __restrict__ row_max, scalar_t* __restrict__ sum_exp,
-                               scalar_t* __restrict__ target_logit, scalar_t* __restrict__ target_cos) {
+                               acc_t* __restrict__ row_max, acc_t* __restrict__ sum_exp,
+                               acc_t* __restrict__ target_logit, acc_t* __restrict__ target_cos) {
   __shared__ acc_t scratch[32];
   const int64_t r = blockIdx.x;
   scalar_t* row = logits + r * rs;
@@ -56,23 +59,23 @@ __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ lab
   sum = cuda::block_sum(sum, scratch);
   // The thread that owned the target column reports it.
   if (t >= 0 && threadIdx.x == t % blockDim.x) {
-    target_logit[r] = static_cast<scalar_t>(tl);
-    target_cos[r] = static_cast<scalar_t>(tc);
+    target_logit[r] = tl;
+    target_cos[r] = tc;
   }
   if (threadIdx.x == 0) {
-    row_max[r] = static_cast<scalar_t>(mx);
-    sum_exp[r] = static_cast<scalar_t>(sum);
+    row_max[r] = mx;
+    sum_exp[r] = sum;
     if (t < 0) {
-      target_logit[r] = scalar_t(0);
-      target_cos[r] = scalar_t(0);
+      target_logit[r] = acc_t(0);
+      target_cos[r] = acc_t(0);
     }
   }
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void backward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs,
-                                int64_t cs, const scalar_t* __restrict__ gmax, const scalar_t* __restrict__ gsum,
-                                const scalar_t* __restrict__ tcos, acc_t m1, acc_t m2, acc_t scale, bool plain,
+                                int64_t cs, const acc_t* __restrict__ gmax, const acc_t* __restrict__ gsum,
+                                const acc_t* __restrict__ tcos, acc_t m1, acc_t m2, acc_t scale, bool plain,
                                 bool filter) {
   const int64_t r = blockIdx.y;
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -81,10 +84,10 @@ __global__ void backward_kernel(scalar_t* logits, const int64_t* __restrict__ la
   // t in [-1, cols): checked on the host before the launch
   scalar_t* p = logits + r * rs + j * cs;
   const acc_t l = static_cast<acc_t>(*p);
-  const acc_t prob = m_exp(l - static_cast<acc_t>(gmax[r])) / static_cast<acc_t>(gsum[r]);
+  const acc_t prob = m_exp(l - gmax[r]) / gsum[r];
   acc_t g;
   if (j == t) {
-    g = (prob - acc_t(1)) * margin_derivative(static_cast<acc_t>(tcos[r]), m1, m2, plain) * scale;
+    g = (prob - acc_t(1)) * margin_derivative(tcos[r], m1, m2, plain) * scale;
   } else if (filter && t >= 0 && l == acc_t(0)) {
     g = 0;  // a dropped (filtered) logit gets no gradient
   } else {
@@ -98,8 +101,8 @@ __global__ void backward_kernel(scalar_t* logits, const int64_t* __restrict__ la
 template <typename scalar_t, typename acc_t>
 __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs,
                                         int64_t cs, AdaptiveInputs<acc_t> in, acc_t thr, bool filter,
-                                        scalar_t* __restrict__ row_max, scalar_t* __restrict__ sum_exp,
-                                        scalar_t* __restrict__ target_logit, scalar_t* __restrict__ target_cos) {
+                                        acc_t* __restrict__ row_max, acc_t* __restrict__ sum_exp,
+                                        acc_t* __restrict__ target_logit, acc_t* __restrict__ target_cos) {
   __shared__ acc_t scratch[32];
   const int64_t r = blockIdx.x;
   scalar_t* row = logits + r * rs;
@@ -135,23 +138,23 @@ __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restr
   }
   sum = cuda::block_sum(sum, scratch);
   if (t >= 0 && threadIdx.x == t % blockDim.x) {
-    target_logit[r] = static_cast<scalar_t>(tl);
-    target_cos[r] = static_cast<scalar_t>(tc);
+    target_logit[r] = tl;
+    target_cos[r] = tc;
   }
   if (threadIdx.x == 0) {
-    row_max[r] = static_cast<scalar_t>(mx);
-    sum_exp[r] = static_cast<scalar_t>(sum);
+    row_max[r] = mx;
+    sum_exp[r] = sum;
     if (t < 0) {
-      target_logit[r] = scalar_t(0);
-      target_cos[r] = scalar_t(0);
+      target_logit[r] = acc_t(0);
+      target_cos[r] = acc_t(0);
     }
   }
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void adaptive_backward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols,
-                                         int64_t rs, int64_t cs, const scalar_t* __restrict__ gmax,
-                                         const scalar_t* __restrict__ gsum, const scalar_t* __restrict__ tcos,
+                                         int64_t rs, int64_t cs, const acc_t* __restrict__ gmax,
+                                         const acc_t* __restrict__ gsum, const acc_t* __restrict__ tcos,
                                          AdaptiveInputs<acc_t> in, acc_t scale, bool filter) {
   const int64_t r = blockIdx.y;
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -161,10 +164,10 @@ __global__ void adaptive_backward_kernel(scalar_t* logits, const int64_t* __rest
   const AdaptiveRow<acc_t> a = in.row(r);
   scalar_t* p = logits + r * rs + j * cs;
   const acc_t l = static_cast<acc_t>(*p);
-  const acc_t shift = static_cast<acc_t>(gmax[r]), denom = static_cast<acc_t>(gsum[r]);
+  const acc_t shift = gmax[r], denom = gsum[r];
   acc_t g;
   if (j == t) {
-    g = (m_exp(l - shift) / denom - acc_t(1)) * a.target_derivative(static_cast<acc_t>(tcos[r])) * scale;
+    g = (m_exp(l - shift) / denom - acc_t(1)) * a.target_derivative(tcos[r]) * scale;
   } else if (filter && t >= 0 && l == acc_t(0)) {
     g = 0;  // a dropped (filtered) logit gets no gradient
   } else if (a.clip && (l <= static_cast<acc_t>(static_cast<scalar_t>(a.lo * a.s)) ||
@@ -177,6 +180,231 @@ __global__ void adaptive_backward_kernel(scalar_t* logits, const int64_t* __rest
   *p = static_cast<scalar_t>(g);
 }
 
+// ---- Long rows: each row split over blocks, swept once ----
+// A row of S logits is cut into chunks of kChunkVectors 16-byte vectors per thread; block (r, c) transforms
+// chunk c of row r in place (16-byte loads and stores when the row allows) and keeps an online max and
+// sum-exp of its logits in registers; a second, small kernel combines each row's chunks. The logits are read
+// and written once (the one-block-per-row kernel reads them twice and makes one block stream a whole row).
+
+constexpr int kSplitThreads = 256;
+constexpr int kChunkVectors = 4;
+constexpr int64_t kSplitMinCols = 8192;  // shorter rows: one block per row
+constexpr int kCombineWarps = 4;
+
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack {
+  scalar_t v[VEC];
+};
+
+// max with the NaN rule (a NaN is the max), as warp_max and the CPU kernels have it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_max(acc_t m, acc_t v) {
+  return (v > m || v != v) ? v : m;
+}
+
+// Adds logit l to a (max, sum-exp relative to max) pair.
+template <typename acc_t>
+__device__ __forceinline__ void online_add(acc_t& mx, acc_t& sum, acc_t l) {
+  if (l > mx) {
+    sum = sum * m_exp(mx - l) + acc_t(1);
+    mx = l;
+  } else if (l != l) {
+    mx = sum = l;
+  } else {
+    sum += m_exp(l - mx);
+  }
+}
+
+// Merges the pair (om, os) into (mx, sum); an empty pair is (-inf, 0), a NaN max makes the sum NaN.
+template <typename acc_t>
+__device__ __forceinline__ void online_merge(acc_t& mx, acc_t& sum, acc_t om, acc_t os) {
+  const acc_t m = nan_max(mx, om);
+  sum = (mx == m ? sum : sum * m_exp(mx - m)) + (om == m ? os : os * m_exp(om - m));
+  mx = m;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void warp_merge(acc_t& mx, acc_t& sum) {
+#pragma unroll
+  for (int offset = cuda::kWarp / 2; offset > 0; offset >>= 1) {
+    const acc_t om = __shfl_xor_sync(0xffffffffu, mx, offset), os = __shfl_xor_sync(0xffffffffu, sum, offset);
+    online_merge(mx, sum, om, os);
+  }
+}
+
+// One row's element transform for the fixed margins: the clamped cosine, and the stored value with the logit
+// it enters the softmax with (the stored value read back).
+template <typename scalar_t, typename acc_t>
+struct FixedRowOp {
+  acc_t s, m1, m2, m3, thr;
+  bool plain, filter_row;
+  int64_t t;
+  __device__ acc_t cos(acc_t raw) const { return clamp_cos(raw); }
+  __device__ scalar_t store(int64_t j, acc_t c, acc_t& logit) const {
+    const scalar_t stored = j == t ? static_cast<scalar_t>(margin_value(c, m1, m2, m3, plain) * s)
+                                   : static_cast<scalar_t>((filter_row && c > thr ? acc_t(0) : c) * s);
+    logit = static_cast<acc_t>(stored);
+    return stored;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct FixedMargin {
+  acc_t s, m1, m2, m3, thr;
+  bool plain, filter;
+  __device__ FixedRowOp<scalar_t, acc_t> row(int64_t, int64_t t) const {
+    return {s, m1, m2, m3, thr, plain, filter && t >= 0, t};
+  }
+};
+
+// The adaptive margins' transform: per-sample margin, optional clip, re-weighted hard negatives.
+template <typename scalar_t, typename acc_t>
+struct AdaptiveRowOp {
+  AdaptiveRow<acc_t> a;
+  acc_t thr;
+  bool filter_row;
+  int64_t t;
+  __device__ acc_t cos(acc_t raw) const { return clamp_to(raw, a.lo, a.hi); }
+  __device__ scalar_t store(int64_t j, acc_t c, acc_t& logit) const {
+    if (j == t) {
+      const scalar_t stored = static_cast<scalar_t>(a.target_value(c) * a.s);
+      logit = static_cast<acc_t>(stored);
+      return stored;
+    }
+    const scalar_t stored = static_cast<scalar_t>((filter_row && c > thr ? acc_t(0) : c) * a.s);
+    logit = static_cast<acc_t>(stored);
+    if (a.hard) logit = static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(logit)));
+    return stored;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct AdaptiveMargin {
+  AdaptiveInputs<acc_t> in;
+  acc_t thr;
+  bool filter;
+  __device__ AdaptiveRowOp<scalar_t, acc_t> row(int64_t r, int64_t t) const {
+    return {in.row(r), thr, filter && t >= 0, t};
+  }
+};
+
+// Block (r = blockIdx.x, c = blockIdx.y): chunk c of row r. VEC > 1: rows contiguous and 16-byte aligned
+// (checked on the host), VEC elements per load; VEC == 1: any strides.
+template <typename scalar_t, typename acc_t, int VEC, typename Margin>
+__global__ void __launch_bounds__(kSplitThreads)
+    forward_chunk_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs, int64_t cs,
+                         int64_t chunk, Margin margin, acc_t* __restrict__ partial_max,
+                         acc_t* __restrict__ partial_sum, acc_t* __restrict__ target_logit,
+                         acc_t* __restrict__ target_cos) {
+  __shared__ acc_t scratch_max[32], scratch_sum[32];
+  const int64_t r = blockIdx.x, c = blockIdx.y;
+  const int64_t t = labels[r];
+  // t in [-1, cols): checked on the host before the launch
+  const auto op = margin.row(r, t);
+  scalar_t* row = logits + r * rs;
+  const int64_t j0 = c * chunk, j1 = j0 + chunk < cols ? j0 + chunk : cols;
+  acc_t mx = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+  auto visit = [&](int64_t j, scalar_t& x) {
+    const acc_t cval = op.cos(static_cast<acc_t>(x));
+    acc_t logit;
+    x = op.store(j, cval, logit);
+    if (j == t) {
+      target_cos[r] = cval;
+      target_logit[r] = logit;
+    }
+    online_add(mx, sum, logit);
+  };
+  if constexpr (VEC > 1) {
+    for (int64_t j = j0 + static_cast<int64_t>(threadIdx.x) * VEC; j < j1; j += kSplitThreads * VEC) {
+      if (j + VEC <= j1) {
+        Pack<scalar_t, VEC> p = *reinterpret_cast<const Pack<scalar_t, VEC>*>(row + j);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) visit(j + k, p.v[k]);
+        *reinterpret_cast<Pack<scalar_t, VEC>*>(row + j) = p;
+      } else {
+        for (int64_t k = j; k < j1; ++k) visit(k, row[k]);
+      }
+    }
+  } else {
+    for (int64_t j = j0 + threadIdx.x; j < j1; j += kSplitThreads) visit(j, row[j * cs]);
+  }
+  const int lane = threadIdx.x % cuda::kWarp, warp = threadIdx.x / cuda::kWarp;
+  warp_merge(mx, sum);
+  if (lane == 0) {
+    scratch_max[warp] = mx;
+    scratch_sum[warp] = sum;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    constexpr int warps = kSplitThreads / cuda::kWarp;
+    mx = lane < warps ? scratch_max[lane] : -std::numeric_limits<acc_t>::infinity();
+    sum = lane < warps ? scratch_sum[lane] : acc_t(0);
+    warp_merge(mx, sum);
+    if (lane == 0) {
+      partial_max[r * gridDim.y + c] = mx;
+      partial_sum[r * gridDim.y + c] = sum;
+    }
+  }
+}
+
+// One warp per row: the row's chunk pairs merged into its (max, sum-exp); rows without a local target get
+// target logit and cosine 0 (the chunk holding a target wrote its own).
+template <typename acc_t>
+__global__ void combine_chunks_kernel(const acc_t* __restrict__ partial_max, const acc_t* __restrict__ partial_sum,
+                                      const int64_t* __restrict__ labels, int64_t rows, int64_t chunks,
+                                      acc_t* __restrict__ row_max, acc_t* __restrict__ sum_exp,
+                                      acc_t* __restrict__ target_logit, acc_t* __restrict__ target_cos) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / cuda::kWarp;
+  const int lane = threadIdx.x % cuda::kWarp;
+  if (r >= rows) return;  // a whole warp leaves together
+  acc_t mx = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+  for (int64_t c = lane; c < chunks; c += cuda::kWarp) online_merge(mx, sum, partial_max[r * chunks + c],
+                                                                     partial_sum[r * chunks + c]);
+  warp_merge(mx, sum);
+  if (lane == 0) {
+    row_max[r] = mx;
+    sum_exp[r] = sum;
+    if (labels[r] < 0) {
+      target_logit[r] = acc_t(0);
+      target_cos[r] = acc_t(0);
+    }
+  }
+}
+
+// Launches the split forward: 16-byte loads when every row starts on a 16-byte boundary and is contiguous.
+template <typename scalar_t, typename acc_t, typename Margin>
+void launch_split_forward(at::Tensor& logits, const at::Tensor& lab, const Margin& margin, at::Tensor& row_max,
+                          at::Tensor& sum_exp, at::Tensor& target_logit, at::Tensor& target_cos,
+                          cudaStream_t stream) {
+  constexpr int vec = 16 / sizeof(scalar_t);
+  const int64_t rows = logits.size(0), cols = logits.size(1), rs = logits.stride(0), cs = logits.stride(1);
+  const int64_t chunk = static_cast<int64_t>(kSplitThreads) * vec * kChunkVectors;
+  const int64_t chunks = cuda::ceil_div(cols, chunk);
+  TORCH_CHECK(chunks <= 65535 && rows <= std::numeric_limits<int32_t>::max(), "margin_softmax_forward: logits [",
+              rows, ", ", cols, "] too large for one call on CUDA");
+  const bool vectorized = cs == 1 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
+                          (rs * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0;
+  at::Tensor partial = at::empty({2, rows, chunks}, row_max.options());  // [2, B, chunks]: max, sum-exp
+  acc_t* pmax = partial.data_ptr<acc_t>();
+  acc_t* psum = pmax + rows * chunks;
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
+  if (vectorized) {
+    forward_chunk_kernel<scalar_t, acc_t, vec, Margin><<<grid, kSplitThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, rs, cs, chunk, margin, pmax, psum,
+        target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
+  } else {
+    forward_chunk_kernel<scalar_t, acc_t, 1, Margin><<<grid, kSplitThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, rs, cs, chunk, margin, pmax, psum,
+        target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  combine_chunks_kernel<acc_t><<<static_cast<unsigned>(cuda::ceil_div(rows, kCombineWarps)),
+                                 kCombineWarps * cuda::kWarp, 0, stream>>>(
+      pmax, psum, lab.const_data_ptr<int64_t>(), rows, chunks, row_max.data_ptr<acc_t>(), sum_exp.data_ptr<acc_t>(),
+      target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The combined statistics come from a collective; on another device the kernel would read host or peer memory.
 void check_same_device(const at::Tensor& logits, std::initializer_list<const at::Tensor*> tensors,
                        std::initializer_list<const char*> names, const char* op) {
@@ -187,6 +415,9 @@ void check_same_device(const at::Tensor& logits, std::initializer_list<const at:
     ++name;
   }
 }
+
+// The dtype of the statistics, in and out: float32 for float32 and half-precision logits, float64 for float64.
+at::ScalarType accumulation_type(at::ScalarType logits) { return logits == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_logits(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
@@ -205,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
     double filter_threshold) {
   check_logits(logits, labels, "margin_softmax_forward");
   const int64_t rows = logits.size(0), cols = logits.size(1);
-  auto opts = logits.options();
+  auto opts = logits.options().dtype(accumulation_type(logits.scalar_type()));
   at::Tensor row_max = at::empty({rows}, opts), sum_exp = at::empty({rows}, opts);
   at::Tensor target_logit = at::empty({rows}, opts), target_cos = at::empty({rows}, opts);
   if (rows == 0) return {row_max, sum_exp, target_logit, target_cos};
@@ -215,11 +446,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
   const MarginParams mp{s, m1, m2, m3, filter_threshold};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "margin_softmax_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if (cols >= kSplitMinCols) {
+      const FixedMargin<scalar_t, acc_t> margin{static_cast<acc_t>(s), static_cast<acc_t>(m1), static_cast<acc_t>(m2),
+                                                static_cast<acc_t>(m3), static_cast<acc_t>(filter_threshold),
+                                                mp.plain(), filter_threshold > 0};
+      launch_split_forward<scalar_t, acc_t>(logits, lab, margin, row_max, sum_exp, target_logit, target_cos, stream);
+      return;
+    }
     forward_kernel<scalar_t, acc_t><<<rows, kRowThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1),
         static_cast<acc_t>(s), static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(m3),
-        static_cast<acc_t>(filter_threshold), mp.plain(), filter_threshold > 0, row_max.data_ptr<scalar_t>(),
-        sum_exp.data_ptr<scalar_t>(), target_logit.data_ptr<scalar_t>(), target_cos.data_ptr<scalar_t>());
+        static_cast<acc_t>(filter_threshold), mp.plain(), filter_threshold > 0, row_max.data_ptr<acc_t>(),
+        sum_exp.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {row_max, sum_exp, target_logit, target_cos};
@@ -240,16 +478,16 @@ void margin_softmax_backward_cuda(at::Tensor& logits, const at::Tensor& labels, 
   if (rows == 0 || cols == 0) return;
   c10::cuda::CUDAGuard guard(logits.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto dtype = logits.scalar_type();
-  const at::Tensor gm = global_max.to(dtype).contiguous(), gs = global_sum_exp.to(dtype).contiguous();
-  const at::Tensor tc = target_cos.to(dtype).contiguous(), lab = labels.contiguous();
+  const auto dtype = logits.scalar_type(), acc = accumulation_type(dtype);
+  const at::Tensor gm = global_max.to(acc).contiguous(), gs = global_sum_exp.to(acc).contiguous();
+  const at::Tensor tc = target_cos.to(acc).contiguous(), lab = labels.contiguous();
   const MarginParams mp{s, m1, m2, m3, filter_threshold};
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(cols, kLogitThreads)), static_cast<unsigned>(rows));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t, acc_t><<<grid, kLogitThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1),
-        gm.const_data_ptr<scalar_t>(), gs.const_data_ptr<scalar_t>(), tc.const_data_ptr<scalar_t>(),
+        gm.const_data_ptr<acc_t>(), gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(),
         static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(s * grad_scale), mp.plain(),
         filter_threshold > 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -267,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
   const at::Tensor sm3 = adaptive_vector(sample_m3, logits, "sample_m3", op);
   const at::Tensor hard = adaptive_vector(hard_threshold, logits, "hard_threshold", op);
   const int64_t rows = logits.size(0), cols = logits.size(1);
-  auto opts = logits.options();
+  auto opts = logits.options().dtype(accumulation_type(logits.scalar_type()));
   at::Tensor row_max = at::empty({rows}, opts), sum_exp = at::empty({rows}, opts);
   at::Tensor target_logit = at::empty({rows}, opts), target_cos = at::empty({rows}, opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -277,10 +515,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = adaptive_inputs<acc_t>(sm2, sm3, hard, s, m1, m2, m3, clip_eps, hard_t, op);
     if (rows == 0) return;
+    if (cols >= kSplitMinCols) {
+      const AdaptiveMargin<scalar_t, acc_t> margin{in, static_cast<acc_t>(filter_threshold), filter_threshold > 0};
+      launch_split_forward<scalar_t, acc_t>(logits, lab, margin, row_max, sum_exp, target_logit, target_cos, stream);
+      return;
+    }
     adaptive_forward_kernel<scalar_t, acc_t><<<rows, kRowThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1), in,
-        static_cast<acc_t>(filter_threshold), filter_threshold > 0, row_max.data_ptr<scalar_t>(),
-        sum_exp.data_ptr<scalar_t>(), target_logit.data_ptr<scalar_t>(), target_cos.data_ptr<scalar_t>());
+        static_cast<acc_t>(filter_threshold), filter_threshold > 0, row_max.data_ptr<acc_t>(),
+        sum_exp.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {row_max, sum_exp, target_logit, target_cos};
@@ -311,12 +554,13 @@ void margin_softmax_backward_adaptive_cuda(at::Tensor& logits, const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = adaptive_inputs<acc_t>(sm2, sm3, hard, s, m1, m2, m3, clip_eps, hard_t, op);
     if (rows == 0 || cols == 0) return;
-    const at::Tensor gm = global_max.to(dtype).contiguous(), gs = global_sum_exp.to(dtype).contiguous();
-    const at::Tensor tc = target_cos.to(dtype).contiguous(), lab = labels.contiguous();
+    const auto acc = accumulation_type(dtype);
+    const at::Tensor gm = global_max.to(acc).contiguous(), gs = global_sum_exp.to(acc).contiguous();
+    const at::Tensor tc = target_cos.to(acc).contiguous(), lab = labels.contiguous();
     const dim3 grid(static_cast<unsigned>(cuda::ceil_div(cols, kLogitThreads)), static_cast<unsigned>(rows));
     adaptive_backward_kernel<scalar_t, acc_t><<<grid, kLogitThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1),
-        gm.const_data_ptr<scalar_t>(), gs.const_data_ptr<scalar_t>(), tc.const_data_ptr<scalar_t>(), in,
+        gm.const_data_ptr<acc_t>(), gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), in,
         static_cast<acc_t>(s * grad_scale), filter_threshold > 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

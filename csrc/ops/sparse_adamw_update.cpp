@@ -18,15 +18,17 @@ void check_sparse_adamw_update_args(const at::Tensor& weight, const at::Tensor& 
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [num_classes, D], got ", weight.sizes());
   const int64_t num_rows = weight.size(0), dim = weight.size(1);
   check_rows(weight, num_rows, dim, "weight", op);
-  // Float32 tables (float64 for tests); the math runs in the table's dtype. bf16/fp16 storage would need
-  // float32 moments beside a low-precision weight, which this op does not offer.
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
-              ": weight must be float32 or float64, got ", weight.scalar_type());
+  // The math runs in float32 (float64 for float64 tables). A bf16/fp16 table keeps exp_avg in its dtype and
+  // exp_avg_sq in its dtype or in float32 (float16's range cannot hold the squares of small gradients).
+  const auto w_type = weight.scalar_type();
+  const bool low = w_type == at::kBFloat16 || w_type == at::kHalf;
   check_rows(exp_avg, num_rows, dim, "exp_avg", op);
   check_rows(exp_avg_sq, num_rows, dim, "exp_avg_sq", op);
-  TORCH_CHECK(exp_avg.scalar_type() == weight.scalar_type() && exp_avg_sq.scalar_type() == weight.scalar_type(), op,
-              ": exp_avg and exp_avg_sq must have the weight's dtype ", weight.scalar_type(), ", got ",
-              exp_avg.scalar_type(), " and ", exp_avg_sq.scalar_type());
+  TORCH_CHECK(exp_avg.scalar_type() == w_type &&
+                  (exp_avg_sq.scalar_type() == w_type || (low && exp_avg_sq.scalar_type() == at::kFloat)),
+              op, ": exp_avg and exp_avg_sq must have the weight's dtype ", w_type,
+              low ? " (exp_avg_sq may be float32)" : "", ", got ", exp_avg.scalar_type(), " and ",
+              exp_avg_sq.scalar_type());
   check_vector(row_step, num_rows, "row_step", op);
   TORCH_CHECK(row_step.scalar_type() == at::kLong || row_step.scalar_type() == at::kInt, op,
               ": row_step must be int64 or int32, got ", row_step.scalar_type());
@@ -54,12 +56,16 @@ TORCH_LIBRARY_FRAGMENT(partialfc, m) {
   //   w *= 1 - lr * weight_decay;  m += (1 - beta1) * (g - m);  v = beta2 * v + (1 - beta2) * g * g;
   //   w -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
   m.def("sparse_adamw_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
-        "Tensor index, Tensor grad_rows, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
+        "Tensor index, Tensor grad_rows, float lr, float beta1, float beta2, float eps, float weight_decay, "
+        "int? rounding_seed=None, int rounding_step=0, int class_start=0) -> ()");
   // The same update with the backward of gather_normalize folded in, as normalize_backward_sgd_update does:
   // grad_rows[i] = (g - n <g, n>) * inv_norm[i] / grad_scale with g = grad_normalized[i] and
   // n = weight[index[i]] * inv_norm[i] recomputed from the table (unchanged since the forward); no [S, D]
   // gradient is written. CPU kernel only.
+  // With a rounding_seed, a bfloat16 / float16 table and its moments are written with stochastic rounding
+  // keyed by (rounding_seed, rounding_step, class_start + index[i], column), as in sparse_sgd_update.
   m.def("normalize_backward_adamw_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "Tensor(d!) row_step, Tensor index, Tensor grad_normalized, Tensor inv_norm, float lr, float beta1, "
-        "float beta2, float eps, float weight_decay, float grad_scale) -> ()");
+        "float beta2, float eps, float weight_decay, float grad_scale, int? rounding_seed=None, "
+        "int rounding_step=0, int class_start=0) -> ()");
 }

@@ -110,6 +110,17 @@ class ReferenceOps(OpTable):
     subcenter_max_backward = staticmethod(reference.subcenter_max_backward_ref)
 
 
+def _rounding_args(rounding_seed, rounding_step, class_start):
+    """The update ops' trailing stochastic-rounding arguments; none without a seed (round to nearest), so an
+    extension built before they existed still runs the float32 updates."""
+    if rounding_seed is None:
+        return ()
+    if not any(a.name == "rounding_seed" for a in torch.ops.partialfc.sparse_sgd_update.default._schema.arguments):
+        raise RuntimeError("partialfc._C has no stochastic rounding (built from older sources): rebuild it with "
+                           "`python setup.py build_ext --inplace`, or construct PartialFC(..., use_ext=False)")
+    return int(rounding_seed), int(rounding_step), int(class_start)
+
+
 def _require_op(name):
     if not hasattr(torch.ops.partialfc, name):
         raise RuntimeError(f"partialfc._C has no op {name} (built from older sources): rebuild it with `python "
@@ -179,38 +190,37 @@ class CompiledOps(OpTable):
         return torch.ops.partialfc.subcenter_max_backward(grad, argmax, int(num_subcenters))
 
     @staticmethod
-    def sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
+    def sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay, rounding_seed=None,
+                          rounding_step=0, class_start=0):
         torch.ops.partialfc.sparse_sgd_update(weight, momentum_buffer, index, grad_rows, float(lr), float(momentum),
-                                              float(weight_decay))
+                                              float(weight_decay), *_rounding_args(rounding_seed, rounding_step,
+                                                                                   class_start))
 
     def normalize_backward_sgd_update(self, weight, momentum_buffer, index, grad_normalized, inv_norm, lr, momentum,
-                                      weight_decay, grad_scale=1.0):
-        if self.device.type == "cpu":
-            torch.ops.partialfc.normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized,
-                                                              inv_norm, float(lr), float(momentum),
-                                                              float(weight_decay), float(grad_scale))
-            return
-        # No fused kernel on CUDA yet: the normalize backward, then the sparse update (same semantics).
-        normalized = weight.index_select(0, index).to(inv_norm.dtype) * inv_norm[:, None]  # [S, D]
-        rows = torch.empty_like(normalized)
-        self.gather_normalize_backward_out(grad_normalized, normalized, inv_norm, rows)
-        if grad_scale != 1.0:
-            rows.div_(grad_scale)
-        self.sparse_sgd_update(weight, momentum_buffer, index, rows, lr, momentum, weight_decay)
+                                      weight_decay, grad_scale=1.0, rounding_seed=None, rounding_step=0,
+                                      class_start=0):
+        # One fused kernel on CPU and CUDA.
+        torch.ops.partialfc.normalize_backward_sgd_update(weight, momentum_buffer, index, grad_normalized, inv_norm,
+                                                          float(lr), float(momentum), float(weight_decay),
+                                                          float(grad_scale),
+                                                          *_rounding_args(rounding_seed, rounding_step, class_start))
 
     @staticmethod
     def sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, lr, beta1, beta2, eps,
-                            weight_decay):
+                            weight_decay, rounding_seed=None, rounding_step=0, class_start=0):
         torch.ops.partialfc.sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, float(lr),
-                                                float(beta1), float(beta2), float(eps), float(weight_decay))
+                                                float(beta1), float(beta2), float(eps), float(weight_decay),
+                                                *_rounding_args(rounding_seed, rounding_step, class_start))
 
     def normalize_backward_adamw_update(self, weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized,
-                                        inv_norm, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0):
+                                        inv_norm, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
+                                        rounding_seed=None, rounding_step=0, class_start=0):
+        rounding = _rounding_args(rounding_seed, rounding_step, class_start)
         if self.device.type == "cpu":
             torch.ops.partialfc.normalize_backward_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index,
                                                                 grad_normalized, inv_norm, float(lr), float(beta1),
                                                                 float(beta2), float(eps), float(weight_decay),
-                                                                float(grad_scale))
+                                                                float(grad_scale), *rounding)
             return
         # No fused kernel on CUDA: the normalize backward into step buffers, then the sparse update; the
         # normalized rows are recomputed from the table, as the fused update does (same semantics).
@@ -223,7 +233,7 @@ class CompiledOps(OpTable):
         if grad_scale != 1.0:
             rows.div_(grad_scale)
         self.sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index, rows, lr, beta1, beta2, eps,
-                                 weight_decay)
+                                 weight_decay, rounding_seed, rounding_step, class_start)
 
 
 def op_table(device, use_ext=True):

@@ -1,6 +1,7 @@
-// CPU sparse AdamW update: each sampled row of weight and both moments is read once, updated in the table's
-// dtype (float32, or float64 for tests) and written back, with the row's own step count; unsampled rows are
-// never touched.
+// CPU sparse AdamW update: each sampled row of weight and both moments is read once, updated in float32
+// (float64 for float64 tables) and written back, with the row's own step count; unsampled rows are never
+// touched. A bfloat16 / float16 table (exp_avg in its dtype, exp_avg_sq in it or in float32) given a rounding
+// seed is written with stochastic rounding (../stochastic_rounding.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -8,9 +9,11 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <type_traits>
 
 #include "../checks.h"
+#include "../stochastic_rounding.h"
 #include "simd.h"
 
 namespace partialfc {
@@ -43,18 +46,20 @@ struct AdamwStep {
   acc_t decay, one_minus_b1, b2, one_minus_b2, eps;
 };
 
-// AdamW on one element: the gradient is first rounded to the table's dtype, as torch.optim.AdamW sees it;
-// the first moment moves as torch's lerp does (m + (1 - beta1) * (g - m)).
-template <typename w_t, typename acc_t>
-inline void adamw_element(w_t& w, w_t& m, w_t& v, acc_t grad, const AdamwStep<acc_t>& k, AdamwRow<acc_t> row) {
-  const acc_t g = static_cast<acc_t>(static_cast<w_t>(grad));
+// AdamW on one element: the gradient is first rounded to the table's dtype, as torch.optim.AdamW sees it,
+// except under stochastic rounding, where it is used in float32 as it comes; the first moment moves as torch's
+// lerp does (m + (1 - beta1) * (g - m)). Each of the three results is rounded once to its storage dtype.
+template <typename w_t, typename v_t, typename acc_t>
+inline void adamw_element(w_t& w, w_t& m, v_t& v, acc_t grad, const AdamwStep<acc_t>& k, AdamwRow<acc_t> row,
+                          const RowRounding& rnd, int64_t col) {
+  const acc_t g = rnd.stochastic ? grad : static_cast<acc_t>(static_cast<w_t>(grad));
   const acc_t m0 = static_cast<acc_t>(m);
   const acc_t wv = static_cast<acc_t>(w) * k.decay;
   const acc_t mv = m0 + k.one_minus_b1 * (g - m0);
   const acc_t vv = static_cast<acc_t>(v) * k.b2 + k.one_minus_b2 * g * g;
-  m = static_cast<w_t>(mv);
-  v = static_cast<w_t>(vv);
-  w = static_cast<w_t>(wv - row.step_size * (mv / (std::sqrt(vv) / row.bc2_sqrt + k.eps)));
+  m = rnd.round<w_t>(mv, col, kRoundMomentum);
+  v = rnd.round<v_t>(vv, col, kRoundExpAvgSq);
+  w = rnd.round<w_t>(wv - row.step_size * (mv / (std::sqrt(vv) / row.bc2_sqrt + k.eps)), col, kRoundWeight);
 }
 
 // One float32 lane of adamw_element (the gradient is already float32), inlined into the vector row loops.
@@ -91,10 +96,10 @@ PARTIALFC_CLONES void nb_adamw_row_f32(float* __restrict w, float* __restrict m,
 
 // Both updates: the sampled rows split over threads; each row's step count bumped and its constants formed,
 // then its elements updated. `inv` is null for the plain update, else the inverse norms of the fused one.
-template <typename w_t, typename g_t, typename step_t>
+template <typename w_t, typename v_t, typename g_t, typename step_t>
 void adamw_rows(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& row_step,
                 const at::Tensor& index, const at::Tensor& grad, const at::opmath_type<w_t>* inv, double lr,
-                double beta1, double beta2, double eps, double wd, double grad_scale) {
+                double beta1, double beta2, double eps, double wd, double grad_scale, const Rounding& rounding) {
   using acc_t = at::opmath_type<w_t>;
   const int64_t rows = index.numel(), dim = weight.size(1);
   const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ms0 = exp_avg.stride(0), ms1 = exp_avg.stride(1);
@@ -103,7 +108,7 @@ void adamw_rows(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
   const bool unit = ws1 == 1 && ms1 == 1 && vs1 == 1 && gs1 == 1;
   w_t* w = weight.data_ptr<w_t>();
   w_t* m = exp_avg.data_ptr<w_t>();
-  w_t* v = exp_avg_sq.data_ptr<w_t>();
+  v_t* v = exp_avg_sq.data_ptr<v_t>();
   step_t* steps = row_step.data_ptr<step_t>();
   const g_t* g = grad.const_data_ptr<g_t>();
   const int64_t* idx = index.const_data_ptr<int64_t>();
@@ -126,9 +131,9 @@ void adamw_rows(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
       const AdamwRow<acc_t> c = adamw_row_constants<acc_t>(t, lr, beta1, beta2);
       w_t* wr = w + r * ws0;
       w_t* mr = m + r * ms0;
-      w_t* vr = v + r * vs0;
+      v_t* vr = v + r * vs0;
       const g_t* gr = g + i * gs0;
-      if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
+      if constexpr (std::is_same_v<w_t, float> && std::is_same_v<v_t, float> && std::is_same_v<g_t, float>) {
         if (unit) {
           if (inv == nullptr) {
             adamw_row_f32(wr, mr, vr, gr, dim, k, c);
@@ -139,6 +144,8 @@ void adamw_rows(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
         }
       }
       // Other dtypes and strided rows, element by element.
+      const RowRounding rnd(rounding.stochastic && !std::is_same_v<w_t, acc_t>, rounding.seed, rounding.step,
+                            rounding.class_start + r);
       acc_t scale = 0, dot = 0;
       if (inv != nullptr) {
         scale = inv[i];
@@ -148,7 +155,7 @@ void adamw_rows(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
       for (int64_t j = 0; j < dim; ++j) {
         acc_t gv = static_cast<acc_t>(gr[j * gs1]);
         if (inv != nullptr) gv = (gv - static_cast<acc_t>(wr[j * ws1]) * scale * dot) * scale * inv_gscale;
-        adamw_element(wr[j * ws1], mr[j * ms1], vr[j * vs1], gv, k, c);
+        adamw_element(wr[j * ws1], mr[j * ms1], vr[j * vs1], gv, k, c, rnd, j);
       }
     }
   });
@@ -161,34 +168,48 @@ void check_index_range(const at::Tensor& idx, int64_t num_rows, const char* op) 
     TORCH_CHECK(ip[i] >= 0 && ip[i] < num_rows, op, ": index[", i, "] = ", ip[i], " is outside [0, ", num_rows, ")");
 }
 
+// fn(w_t{}, v_t{}, g_t{}, step_t{}): v_t is the weight's dtype, or float32 beside a bf16/fp16 table.
 template <typename Fn>
-void dispatch_adamw(const at::Tensor& weight, const at::Tensor& grad, const at::Tensor& row_step, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparse_adamw_update_w", [&] {
+void dispatch_adamw(const at::Tensor& weight, const at::Tensor& exp_avg_sq, const at::Tensor& grad,
+                    const at::Tensor& row_step, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_adamw_update_w", [&] {
     using w_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sparse_adamw_update_g", [&] {
       using g_t = scalar_t;
-      if (row_step.scalar_type() == at::kLong) {
-        fn(w_t{}, g_t{}, int64_t{});
-      } else {
-        fn(w_t{}, g_t{}, int32_t{});
+      auto with_v = [&](auto v0) {
+        if (row_step.scalar_type() == at::kLong) {
+          fn(w_t{}, v0, g_t{}, int64_t{});
+        } else {
+          fn(w_t{}, v0, g_t{}, int32_t{});
+        }
+      };
+      if constexpr (std::is_same_v<w_t, c10::BFloat16> || std::is_same_v<w_t, c10::Half>) {
+        if (exp_avg_sq.scalar_type() == at::kFloat) {
+          with_v(float{});
+          return;
+        }
       }
+      with_v(w_t{});
     });
   });
 }
 
 void sparse_adamw_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& row_step,
                              const at::Tensor& index, const at::Tensor& grad_rows, double lr, double beta1,
-                             double beta2, double eps, double weight_decay) {
+                             double beta2, double eps, double weight_decay, std::optional<int64_t> rounding_seed,
+                             int64_t rounding_step, int64_t class_start) {
   const char* op = "sparse_adamw_update";
   check_sparse_adamw_update_args(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, "grad_rows", lr, beta1,
                                  beta2, eps, weight_decay, op);
+  const Rounding rounding = make_rounding(rounding_seed, rounding_step, class_start, op);
   if (index.numel() == 0) return;
   const at::Tensor idx = index.contiguous();
   check_index_range(idx, weight.size(0), op);
-  dispatch_adamw(weight, grad_rows, row_step, [&](auto w0, auto g0, auto s0) {
+  dispatch_adamw(weight, exp_avg_sq, grad_rows, row_step, [&](auto w0, auto v0, auto g0, auto s0) {
     using w_t = decltype(w0);
-    adamw_rows<w_t, decltype(g0), decltype(s0)>(weight, exp_avg, exp_avg_sq, row_step, idx, grad_rows, nullptr, lr,
-                                                beta1, beta2, eps, weight_decay, 1.0);
+    adamw_rows<w_t, decltype(v0), decltype(g0), decltype(s0)>(weight, exp_avg, exp_avg_sq, row_step, idx, grad_rows,
+                                                              nullptr, lr, beta1, beta2, eps, weight_decay, 1.0,
+                                                              rounding);
   });
 }
 
@@ -196,23 +217,25 @@ void normalize_backward_adamw_update_cpu(at::Tensor& weight, at::Tensor& exp_avg
                                          at::Tensor& row_step, const at::Tensor& index,
                                          const at::Tensor& grad_normalized, const at::Tensor& inv_norm, double lr,
                                          double beta1, double beta2, double eps, double weight_decay,
-                                         double grad_scale) {
+                                         double grad_scale, std::optional<int64_t> rounding_seed,
+                                         int64_t rounding_step, int64_t class_start) {
   const char* op = "normalize_backward_adamw_update";
   check_sparse_adamw_update_args(weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized, "grad_normalized",
                                  lr, beta1, beta2, eps, weight_decay, op);
   check_vector(inv_norm, index.numel(), "inv_norm", op);
-  TORCH_CHECK(inv_norm.scalar_type() == weight.scalar_type() && inv_norm.device() == weight.device(), op,
-              ": inv_norm must be a ", weight.scalar_type(), " tensor on ", weight.device(), ", got ",
-              inv_norm.scalar_type(), " on ", inv_norm.device());
+  const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(inv_norm.scalar_type() == acc && inv_norm.device() == weight.device(), op, ": inv_norm must be a ",
+              acc, " tensor on ", weight.device(), ", got ", inv_norm.scalar_type(), " on ", inv_norm.device());
+  const Rounding rounding = make_rounding(rounding_seed, rounding_step, class_start, op);
   TORCH_CHECK(grad_scale != 0.0, op, ": grad_scale must be nonzero");
   if (index.numel() == 0) return;
   const at::Tensor idx = index.contiguous(), inv_c = inv_norm.contiguous();
   check_index_range(idx, weight.size(0), op);
-  dispatch_adamw(weight, grad_normalized, row_step, [&](auto w0, auto g0, auto s0) {
+  dispatch_adamw(weight, exp_avg_sq, grad_normalized, row_step, [&](auto w0, auto v0, auto g0, auto s0) {
     using w_t = decltype(w0);
-    adamw_rows<w_t, decltype(g0), decltype(s0)>(weight, exp_avg, exp_avg_sq, row_step, idx, grad_normalized,
-                                                inv_c.const_data_ptr<w_t>(), lr, beta1, beta2, eps, weight_decay,
-                                                grad_scale);
+    adamw_rows<w_t, decltype(v0), decltype(g0), decltype(s0)>(
+        weight, exp_avg, exp_avg_sq, row_step, idx, grad_normalized, inv_c.const_data_ptr<at::opmath_type<w_t>>(), lr,
+        beta1, beta2, eps, weight_decay, grad_scale, rounding);
   });
 }
 

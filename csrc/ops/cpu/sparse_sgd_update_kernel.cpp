@@ -1,14 +1,17 @@
 // CPU sparse SGD-momentum update: each sampled row of weight and momentum is read once, updated in float32
-// (float64 for float64 tables) and written back; unsampled rows are never touched.
+// (float64 for float64 tables) and written back; unsampled rows are never touched. A bfloat16 / float16 table
+// given a rounding seed is written with stochastic rounding (../stochastic_rounding.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <type_traits>
 
 #include "../checks.h"
+#include "../stochastic_rounding.h"
 #include "simd.h"
 
 namespace partialfc {
@@ -22,6 +25,23 @@ inline void sgd_element(w_t& w, w_t& m, acc_t grad, acc_t lr, acc_t mu, acc_t wd
   const acc_t mv = static_cast<acc_t>(m) * mu + (static_cast<acc_t>(static_cast<w_t>(grad)) + wd * wv);
   m = static_cast<w_t>(mv);
   w = static_cast<w_t>(wv - lr * mv);
+}
+
+// SGD with momentum on one element of a low-precision table, stochastically rounded: the gradient is used in
+// float32 as it comes (no rounding to the table's dtype first); momentum and weight are rounded once each.
+template <typename w_t>
+inline void sgd_element_rounded(w_t& w, w_t& m, float grad, float lr, float mu, float wd, const RowRounding& rnd,
+                                int64_t col) {
+  const float wv = static_cast<float>(w);
+  const float mv = static_cast<float>(m) * mu + (grad + wd * wv);
+  m = rnd.round<w_t>(mv, col, kRoundMomentum);
+  w = rnd.round<w_t>(wv - lr * mv, col, kRoundWeight);
+}
+
+// Whether an update writes `w_t` with stochastic rounding: a seed was given and the table is bf16/fp16.
+template <typename w_t>
+constexpr bool is_low_precision() {
+  return std::is_same_v<w_t, c10::BFloat16> || std::is_same_v<w_t, c10::Half>;
 }
 
 // The loop both updates share: the sampled rows split over threads, each index checked, and
@@ -65,12 +85,21 @@ PARTIALFC_CLONES void sgd_row_f32(float* __restrict w, float* __restrict m, cons
 
 template <typename w_t, typename g_t>
 void update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, const at::Tensor& grad, double lr_d,
-                 double momentum_d, double wd_d) {
+                 double momentum_d, double wd_d, const Rounding& rounding) {
   using acc_t = at::opmath_type<w_t>;
   const int64_t dim = weight.size(1), ws1 = weight.stride(1), ms1 = mom.stride(1), gs1 = grad.stride(1);
   const acc_t lr = static_cast<acc_t>(lr_d), mu = static_cast<acc_t>(momentum_d), wd = static_cast<acc_t>(wd_d);
+  const int64_t* idx = index.const_data_ptr<int64_t>();
   for_each_sampled_row<w_t, g_t>(weight, mom, index, grad, "sparse_sgd_update",
-                                 [&](int64_t, w_t* wr, w_t* mr, const g_t* gr, bool unit) {
+                                 [&](int64_t i, w_t* wr, w_t* mr, const g_t* gr, bool unit) {
+    if constexpr (is_low_precision<w_t>()) {
+      if (rounding.stochastic) {
+        const RowRounding rnd(true, rounding.seed, rounding.step, rounding.class_start + idx[i]);
+        for (int64_t j = 0; j < dim; ++j)
+          sgd_element_rounded(wr[j * ws1], mr[j * ms1], static_cast<float>(gr[j * gs1]), lr, mu, wd, rnd, j);
+        return;
+      }
+    }
     if (unit) {
       if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
         sgd_row_f32(wr, mr, gr, dim, lr, mu, wd);
@@ -108,17 +137,31 @@ PARTIALFC_CLONES void update_row_f32(float* __restrict w, float* __restrict m, c
 template <typename w_t, typename g_t>
 void normalize_backward_update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index,
                                     const at::Tensor& grad, const at::Tensor& inv, double lr_d, double momentum_d,
-                                    double wd_d, double grad_scale_d) {
+                                    double wd_d, double grad_scale_d, const Rounding& rounding) {
   using acc_t = at::opmath_type<w_t>;
   const int64_t dim = weight.size(1), ws1 = weight.stride(1), ms1 = mom.stride(1), gs1 = grad.stride(1);
   const acc_t* inv_norm = inv.const_data_ptr<acc_t>();
   const acc_t lr = static_cast<acc_t>(lr_d), mu = static_cast<acc_t>(momentum_d), wd = static_cast<acc_t>(wd_d);
   // Loss scales are powers of two in practice, so multiplying by the reciprocal is exact there.
   const acc_t inv_gscale = static_cast<acc_t>(1.0 / grad_scale_d);
+  const int64_t* idx = index.const_data_ptr<int64_t>();
   for_each_sampled_row<w_t, g_t>(weight, mom, index, grad, "normalize_backward_sgd_update",
                                  [&](int64_t i, w_t* wr, w_t* mr, const g_t* gr, bool unit) {
     const acc_t scale = inv_norm[i];
     acc_t dot = 0;
+    if constexpr (is_low_precision<w_t>()) {
+      if (rounding.stochastic) {
+        const RowRounding rnd(true, rounding.seed, rounding.step, rounding.class_start + idx[i]);
+        for (int64_t j = 0; j < dim; ++j)
+          dot += static_cast<acc_t>(gr[j * gs1]) * (static_cast<acc_t>(wr[j * ws1]) * scale);
+        for (int64_t j = 0; j < dim; ++j) {
+          const acc_t rv =
+              (static_cast<acc_t>(gr[j * gs1]) - static_cast<acc_t>(wr[j * ws1]) * scale * dot) * scale * inv_gscale;
+          sgd_element_rounded(wr[j * ws1], mr[j * ms1], rv, lr, mu, wd, rnd, j);
+        }
+        return;
+      }
+    }
     if (unit) {
       if constexpr (std::is_same_v<w_t, float> && std::is_same_v<g_t, float>) {
         update_row_f32(wr, mr, gr, dim, scale, inv_gscale, lr, mu, wd);
@@ -159,8 +202,11 @@ void check_update_args(const at::Tensor& weight, const at::Tensor& momentum_buff
 
 void normalize_backward_sgd_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer, const at::Tensor& index,
                                        const at::Tensor& grad_normalized, const at::Tensor& inv_norm, double lr,
-                                       double momentum, double weight_decay, double grad_scale) {
+                                       double momentum, double weight_decay, double grad_scale,
+                                       std::optional<int64_t> rounding_seed, int64_t rounding_step,
+                                       int64_t class_start) {
   const char* op = "normalize_backward_sgd_update";
+  const Rounding rounding = make_rounding(rounding_seed, rounding_step, class_start, op);
   check_update_args(weight, momentum_buffer, index, grad_normalized, "grad_normalized", op);
   check_vector(inv_norm, index.numel(), "inv_norm", op);
   const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -173,20 +219,22 @@ void normalize_backward_sgd_update_cpu(at::Tensor& weight, at::Tensor& momentum_
     using w_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_normalized.scalar_type(), "nb_sgd_update_g", [&] {
       normalize_backward_update_rows<w_t, scalar_t>(weight, momentum_buffer, idx, grad_normalized, inv_c, lr,
-                                                    momentum, weight_decay, grad_scale);
+                                                    momentum, weight_decay, grad_scale, rounding);
     });
   });
 }
 
 void sparse_sgd_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer, const at::Tensor& index,
-                           const at::Tensor& grad_rows, double lr, double momentum, double weight_decay) {
+                           const at::Tensor& grad_rows, double lr, double momentum, double weight_decay,
+                           std::optional<int64_t> rounding_seed, int64_t rounding_step, int64_t class_start) {
   check_update_args(weight, momentum_buffer, index, grad_rows, "grad_rows", "sparse_sgd_update");
+  const Rounding rounding = make_rounding(rounding_seed, rounding_step, class_start, "sparse_sgd_update");
   if (index.numel() == 0) return;
   const at::Tensor idx = index.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_sgd_update_w", [&] {
     using w_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rows.scalar_type(), "sparse_sgd_update_g", [&] {
-      update_rows<w_t, scalar_t>(weight, momentum_buffer, idx, grad_rows, lr, momentum, weight_decay);
+      update_rows<w_t, scalar_t>(weight, momentum_buffer, idx, grad_rows, lr, momentum, weight_decay, rounding);
     });
   });
 }

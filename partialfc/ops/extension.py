@@ -107,9 +107,14 @@ if _C is not None:
     def _gather_normalize_backward_out_fake(grad, normalized, inv_norm, out):
         return None
 
+    def _row_statistics_fake(logits):
+        # The per-row statistics are float32 for bf16/fp16 logits (float64 for float64), as the kernels give.
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return tuple(logits.new_empty((logits.shape[0],), dtype=dtype) for _ in range(4))
+
     @torch.library.register_fake(lib + "margin_softmax_forward")
     def _margin_softmax_forward_fake(logits, labels, s, m1, m2, m3, filter_threshold):
-        return tuple(logits.new_empty((logits.shape[0],)) for _ in range(4))
+        return _row_statistics_fake(logits)
 
     @torch.library.register_fake(lib + "margin_softmax_backward")
     def _margin_softmax_backward_fake(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
@@ -122,7 +127,7 @@ if _C is not None:
         @torch.library.register_fake(lib + "margin_softmax_forward_adaptive")
         def _margin_softmax_forward_adaptive_fake(logits, labels, s, m1, m2, m3, filter_threshold, sample_m2,
                                                   sample_m3, clip_eps, hard_threshold, hard_t):
-            return tuple(logits.new_empty((logits.shape[0],)) for _ in range(4))
+            return _row_statistics_fake(logits)
 
         @torch.library.register_fake(lib + "margin_softmax_backward_adaptive")
         def _margin_softmax_backward_adaptive_fake(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2,
@@ -131,22 +136,25 @@ if _C is not None:
             return None
 
     @torch.library.register_fake(lib + "sparse_sgd_update")
-    def _sparse_sgd_update_fake(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay):
+    def _sparse_sgd_update_fake(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay,
+                                rounding_seed=None, rounding_step=0, class_start=0):
         return None
 
     @torch.library.register_fake(lib + "normalize_backward_sgd_update")
     def _normalize_backward_sgd_update_fake(weight, momentum_buffer, index, grad_normalized, inv_norm, lr,
-                                            momentum, weight_decay, grad_scale):
+                                            momentum, weight_decay, grad_scale, rounding_seed=None,
+                                            rounding_step=0, class_start=0):
         return None
 
     @torch.library.register_fake(lib + "sparse_adamw_update")
     def _sparse_adamw_update_fake(weight, exp_avg, exp_avg_sq, row_step, index, grad_rows, lr, beta1, beta2, eps,
-                                  weight_decay):
+                                  weight_decay, rounding_seed=None, rounding_step=0, class_start=0):
         return None
 
     @torch.library.register_fake(lib + "normalize_backward_adamw_update")
     def _normalize_backward_adamw_update_fake(weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized, inv_norm,
-                                              lr, beta1, beta2, eps, weight_decay, grad_scale):
+                                              lr, beta1, beta2, eps, weight_decay, grad_scale, rounding_seed=None,
+                                              rounding_step=0, class_start=0):
         return None
 
     # Autograd of the functional gather_normalize w.r.t. the whole table. The Partial FC head does not use

@@ -56,6 +56,7 @@ DEFAULTS = dict(
     use_ext=True,                  # fused kernels of partialfc._C when built (PARTIALFC_DISABLE_EXT=1 also disables)
     # --- data ---
     rec="synthetic",               # folder with train.rec/train.idx, an image folder, or "synthetic"
+    train_index=None,              # a file of the sample positions to train on (tools.subcenter_clean); None: all
     num_classes=None,
     num_image=None,
     shuffled_rec=False,            # sequential reader over a shuffled .rec (see partialfc.tools.shuffle_rec)
@@ -296,6 +297,7 @@ SCHEMA = dict(
     center_dtype=choice("float32", "bfloat16", "float16"),
     use_ext=boolean(),
     rec=string(),
+    train_index=optional(string()),
     num_classes=optional(integer(1)),
     num_image=optional(integer(1)),
     shuffled_rec=boolean(),

@@ -161,11 +161,57 @@ def build_dataset(config, rank=0, size=1):
     return ImageFolderDataset(rec, num_classes=num_classes, seed=seed, corrupt_images=corrupt), "folder"
 
 
+def read_train_index(path, num_samples):
+    """The sample positions listed in ``path`` (one integer a line; ``#`` lines are comments, and a ``# samples:
+    N`` line records the size of the set they index), checked against a dataset of ``num_samples``."""
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+    except OSError as exc:
+        raise DataError(f"train_index {path!r}: cannot read ({exc})") from None
+    for line in lines:
+        if line.startswith("# samples:") and int(line.split(":")[1]) != num_samples:
+            raise DataError(f"train_index {path!r} indexes a set of {int(line.split(':')[1])} samples, but the "
+                            f"training set has {num_samples}")
+    try:
+        kept = np.array([int(line) for line in lines if line and not line.startswith("#")], dtype=np.int64)
+    except ValueError as exc:
+        raise DataError(f"train_index {path!r}: not a list of sample positions ({exc})") from None
+    bad = (kept < 0) | (kept >= num_samples)
+    if not len(kept) or bad.any():
+        what = f"position {int(kept[bad][0])}" if len(kept) else "no position"
+        raise DataError(f"train_index {path!r} holds {what}, outside [0, {num_samples})")
+    return kept
+
+
+class KeptSamples(torch.utils.data.Dataset):
+    """The samples of ``dataset`` at the positions ``train_index`` lists (e.g. those tools.subcenter_clean
+    kept); the class count stays the dataset's."""
+
+    def __init__(self, dataset, train_index):
+        self.dataset, self.kept = dataset, read_train_index(train_index, len(dataset))
+        self.num_classes = dataset.num_classes
+
+    def set_epoch(self, epoch):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.kept)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.kept[i])]
+
+
 def build_train_loader(config, comm):
     """The loader of rank ``comm.rank`` of ``comm.size`` for ``config`` (see the module docstring)."""
     rank, size = int(comm.rank), int(comm.size)
     batch_size, num_workers = int(config["batch_size"]), int(config["num_workers"])
     dataset, kind = build_dataset(config, rank, size)
+    if config.get("train_index"):
+        if kind == "sequential":
+            raise DataError(f"train_index = {config['train_index']!r} needs random access: not with shuffled_rec=True")
+        dataset = KeptSamples(dataset, config["train_index"])
     if kind == "sequential":
         return TrainLoader(dataset, batch_size, num_workers)
     sampler = ShardedSampler(len(dataset), rank, size, batch_size, int(config["seed"]))

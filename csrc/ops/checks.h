@@ -27,4 +27,27 @@ inline void check_vector(const at::Tensor& t, int64_t n, const char* name, const
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be [", n, "], got ", t.sizes());
 }
 
+// subcenter_max: [B, S*K] cosines, K >= 1 dividing the columns.
+inline void check_subcenter_input(const at::Tensor& cosines, int64_t k, const char* op) {
+  TORCH_CHECK(k >= 1, op, ": num_subcenters must be at least 1, got ", k);
+  TORCH_CHECK(cosines.dim() == 2, op, ": cosines must be 2-D [B, S*K], got ", cosines.sizes());
+  TORCH_CHECK(is_float_type(cosines.scalar_type()), op, ": cosines must be float32/float64/float16/bfloat16, got ",
+              cosines.scalar_type());
+  TORCH_CHECK(cosines.size(1) % k == 0, op, ": cosines has ", cosines.size(1),
+              " columns, not a multiple of num_subcenters = ", k);
+}
+
+// subcenter_max_backward: [B, S] grad and its int64 argmax of the same shape and device.
+inline void check_subcenter_grad(const at::Tensor& grad, const at::Tensor& argmax, int64_t k, const char* op) {
+  TORCH_CHECK(k >= 1, op, ": num_subcenters must be at least 1, got ", k);
+  TORCH_CHECK(grad.dim() == 2, op, ": grad must be 2-D [B, S], got ", grad.sizes());
+  TORCH_CHECK(is_float_type(grad.scalar_type()), op, ": grad must be float32/float64/float16/bfloat16, got ",
+              grad.scalar_type());
+  TORCH_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad.sizes(), op,
+              ": argmax must be an int64 tensor of grad's shape ", grad.sizes(), ", got ", argmax.scalar_type(), " ",
+              argmax.sizes());
+  TORCH_CHECK(argmax.device() == grad.device(), op, ": argmax is on ", argmax.device(), " but grad is on ",
+              grad.device());
+}
+
 }  // namespace partialfc

@@ -17,15 +17,6 @@ namespace {
 
 constexpr int64_t kSubcenterGrain = 2048;  // (b, s) pairs per task
 
-void check_subcenter_input(const at::Tensor& cosines, int64_t k, const char* op) {
-  TORCH_CHECK(k >= 1, op, ": num_subcenters must be at least 1, got ", k);
-  TORCH_CHECK(cosines.dim() == 2, op, ": cosines must be 2-D [B, S*K], got ", cosines.sizes());
-  TORCH_CHECK(is_float_type(cosines.scalar_type()), op, ": cosines must be float32/float64/float16/bfloat16, got ",
-              cosines.scalar_type());
-  TORCH_CHECK(cosines.size(1) % k == 0, op, ": cosines has ", cosines.size(1),
-              " columns, not a multiple of num_subcenters = ", k);
-}
-
 template <typename scalar_t>
 void subcenter_max_rows(const at::Tensor& cosines, int64_t k, at::Tensor& values, at::Tensor& argmax) {
   const int64_t batch = cosines.size(0), num_id = cosines.size(1) / k;
@@ -87,15 +78,7 @@ void subcenter_scatter_rows(const at::Tensor& grad, const at::Tensor& argmax, in
 
 at::Tensor subcenter_max_backward_cpu(const at::Tensor& grad, const at::Tensor& argmax, int64_t k) {
   const char* op = "subcenter_max_backward";
-  TORCH_CHECK(k >= 1, op, ": num_subcenters must be at least 1, got ", k);
-  TORCH_CHECK(grad.dim() == 2, op, ": grad must be 2-D [B, S], got ", grad.sizes());
-  TORCH_CHECK(is_float_type(grad.scalar_type()), op, ": grad must be float32/float64/float16/bfloat16, got ",
-              grad.scalar_type());
-  TORCH_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad.sizes(), op,
-              ": argmax must be an int64 tensor of grad's shape ", grad.sizes(), ", got ", argmax.scalar_type(), " ",
-              argmax.sizes());
-  TORCH_CHECK(argmax.device() == grad.device(), op, ": argmax is on ", argmax.device(), " but grad is on ",
-              grad.device());
+  check_subcenter_grad(grad, argmax, k, op);
   at::Tensor out = at::zeros({grad.size(0), grad.size(1) * k}, grad.options());
   if (grad.numel() == 0) return out;
   const at::Tensor arg = argmax.contiguous();

@@ -63,12 +63,7 @@ int subcenter_blocks(int64_t pairs) {
 std::tuple<at::Tensor, at::Tensor> subcenter_max_cuda(const at::Tensor& cosines, int64_t k) {
   const char* op = "subcenter_max";
   TORCH_CHECK(cosines.is_cuda(), op, ": cosines must be a CUDA tensor");
-  TORCH_CHECK(k >= 1, op, ": num_subcenters must be at least 1, got ", k);
-  TORCH_CHECK(cosines.dim() == 2, op, ": cosines must be 2-D [B, S*K], got ", cosines.sizes());
-  TORCH_CHECK(is_float_type(cosines.scalar_type()), op, ": cosines must be float32/float64/float16/bfloat16, got ",
-              cosines.scalar_type());
-  TORCH_CHECK(cosines.size(1) % k == 0, op, ": cosines has ", cosines.size(1),
-              " columns, not a multiple of num_subcenters = ", k);
+  check_subcenter_input(cosines, k, op);
   const int64_t batch = cosines.size(0), num_id = cosines.size(1) / k;
   at::Tensor values = at::empty({batch, num_id}, cosines.options());
   at::Tensor argmax = at::empty({batch, num_id}, cosines.options().dtype(at::kLong));
@@ -88,15 +83,7 @@ std::tuple<at::Tensor, at::Tensor> subcenter_max_cuda(const at::Tensor& cosines,
 at::Tensor subcenter_max_backward_cuda(const at::Tensor& grad, const at::Tensor& argmax, int64_t k) {
   const char* op = "subcenter_max_backward";
   TORCH_CHECK(grad.is_cuda(), op, ": grad must be a CUDA tensor");
-  TORCH_CHECK(k >= 1, op, ": num_subcenters must be at least 1, got ", k);
-  TORCH_CHECK(grad.dim() == 2, op, ": grad must be 2-D [B, S], got ", grad.sizes());
-  TORCH_CHECK(is_float_type(grad.scalar_type()), op, ": grad must be float32/float64/float16/bfloat16, got ",
-              grad.scalar_type());
-  TORCH_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad.sizes(), op,
-              ": argmax must be an int64 tensor of grad's shape ", grad.sizes(), ", got ", argmax.scalar_type(), " ",
-              argmax.sizes());
-  TORCH_CHECK(argmax.device() == grad.device(), op, ": argmax is on ", argmax.device(), " but grad is on ",
-              grad.device());
+  check_subcenter_grad(grad, argmax, k, op);
   at::Tensor out = at::empty({grad.size(0), grad.size(1) * k}, grad.options());
   if (grad.numel() == 0) return out;
   c10::cuda::CUDAGuard guard(grad.device());

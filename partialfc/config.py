@@ -53,6 +53,8 @@ DEFAULTS = dict(
     sample_rate=1.0,
     num_subcenters=1,              # K sub-centers per identity (sub-center ArcFace); 1: one center per identity
     center_dtype="float32",        # storage of the class centers and their optimizer state: float32, bfloat16, float16
+    center_device="",              # "" or "auto": the centers on the training device; "cpu": in host memory, the
+                                   # sampled rows staged to the GPU each step (docs/kernels.md)
     use_ext=True,                  # fused kernels of partialfc._C when built (PARTIALFC_DISABLE_EXT=1 also disables)
     # --- data ---
     rec="synthetic",               # folder with train.rec/train.idx, an image folder, or "synthetic"
@@ -295,6 +297,7 @@ SCHEMA = dict(
     sample_rate=number(0, 1, lo_open=True),
     num_subcenters=integer(1),
     center_dtype=choice("float32", "bfloat16", "float16"),
+    center_device=choice("", "auto", "cpu"),
     use_ext=boolean(),
     rec=string(),
     train_index=optional(string()),

@@ -218,7 +218,7 @@ class Trainer:
         self.pfc = PartialFC(config.embedding_size, num_classes, config.sample_rate, margin_from_config(config),
                              comm=comm, interclass_filtering_threshold=config.interclass_filtering_threshold,
                              seed=config.seed, use_ext=config.use_ext,
-                             num_subcenters=config.num_subcenters).to(device)
+                             num_subcenters=config.num_subcenters, center_device=config.center_device).to(device)
         self._init_weights(config, num_classes)
         self._build_distillation(config)
         # The module the data-parallel wrapper and the backbone optimizer see: the backbone, with the
@@ -361,7 +361,9 @@ class Trainer:
         # gradients add up to the big batch's; the backbone gradients are summed over ranks in the last
         # backward only, the earlier ones just accumulate.
         if run_head:
-            self.pfc.hold_sample([labels for _, labels in micro_batches] if acc > 1 else None)
+            # Host-resident centers sample here too, so that the host gathers the rows during the backbone's forward.
+            self.pfc.hold_sample([labels for _, labels in micro_batches]
+                                 if acc > 1 or self.pfc.host_centers is not None else None)
         margin_total, distill_local = 0.0, 0.0
         if frozen:
             self.model.eval()

@@ -54,6 +54,8 @@ class CenterGrad:
         # embeddings are not (a head trained on fixed features).
         self.anchor = torch.empty(0, requires_grad=True)
 
+    stage = None  # host-resident centers: the HostStage that gathers this sample's rows (host_centers.py)
+
     def add(self, grad_logits, features):
         """Add ``grad_logits^T @ features`` ([S, B] @ [B, D]), the gradient of the normalized centers."""
         num_sample, dim = self.centers.shape
@@ -181,10 +183,14 @@ class MarginSoftmaxLoss(torch.autograd.Function):
         batch, num_sample, dim = features.shape[0], index.numel(), weight.shape[1]
         acc = accumulation_dtype(weight.dtype)
         s, m1, m2, m3 = margin
-        with torch.autocast(weight.device.type, enabled=False):
-            centers = table.empty("centers", (num_sample, dim), features.dtype)  # [S, D]
-            inv_norm = table.empty("inv_norm", (num_sample,), acc)  # [S]
-            table.gather_normalize_out(weight, index, centers, inv_norm)
+        with torch.autocast(features.device.type, enabled=False):
+            if center_grad.stage is None:
+                centers = table.empty("centers", (num_sample, dim), features.dtype)  # [S, D]
+                inv_norm = table.empty("inv_norm", (num_sample,), acc)  # [S]
+                table.gather_normalize_out(weight, index, centers, inv_norm)
+            else:
+                # Host-resident table: the host gathered and normalized the rows, inv_norm stays there.
+                centers, inv_norm = center_grad.stage.wait(features.dtype)
             logits = table.empty_logits("logits", batch, num_sample, acc)  # [B, S]
             if features.dtype == acc:
                 table.mm_into(features, centers.t(), logits)
@@ -260,10 +266,15 @@ class PartialFC(nn.Module):
     ``loss = pfc(local_embeddings [b, D], local_labels [b])`` is the mean loss over the global batch (the
     same on every rank); its backward gives each rank the single-process gradient of its own samples, and
     ``pfc.center_grad`` the gradient of this rank's sampled centers.
+
+    ``center_device="cpu"`` keeps the table and its optimizer state in host memory whatever ``.to()`` says; each
+    step's sampled rows are gathered there and staged for the compute device (``partialfc.head.host_centers``,
+    docs/kernels.md). ``""`` or ``"auto"``: the table lives on the module's device.
     """
 
     def __init__(self, embedding_size, num_classes, sample_rate=1.0, margin=(64.0, 1.0, 0.5, 0.0), comm=None,
-                 interclass_filtering_threshold=0.0, seed=2048, use_ext=True, num_subcenters=1):
+                 interclass_filtering_threshold=0.0, seed=2048, use_ext=True, num_subcenters=1,
+                 center_device=""):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -294,12 +305,22 @@ class PartialFC(nn.Module):
         self.sampler = torch.Generator().manual_seed(seed * 7919 + self.comm.rank)
         self.center_grad = None  # CenterGrad of the current sample
         self.holding_sample = False  # see hold_sample()
+        from .host_centers import HostCenters, resolve_center_device  # it builds on this module
+        self.center_device = resolve_center_device(center_device)
+        self.host_centers = HostCenters(self.ops, self.use_ext) if self.center_device else None
+        # The logits' op table (the compute device's); the table's own, self.ops, gathers and updates.
+        self.compute_ops = self.ops if self.host_centers is None else self.host_centers.compute_ops
 
     def _apply(self, fn, *args, **kwargs):
+        if self.host_centers is not None:
+            # The table stays on the host; the buffers and the logits' op table follow the module's device.
+            self.host_centers.apply(self, fn, *args, **kwargs)
+            self.compute_ops = self.host_centers.compute_ops
+            return self
         # .to() / .cuda() / .double() move the table: the op table follows its device.
         super()._apply(fn, *args, **kwargs)
         if self.ops.device != self.weight.device:
-            self.ops = ops.op_table(self.weight.device, self.use_ext)
+            self.ops = self.compute_ops = ops.op_table(self.weight.device, self.use_ext)
         return self
 
     def _state_names(self):
@@ -333,7 +354,8 @@ class PartialFC(nn.Module):
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, num_sample={self.num_sample}, "
-                f"margin={self.margin}" + (f", num_subcenters={self.num_subcenters}" if self.num_subcenters > 1 else ""))
+                f"margin={self.margin}" + (f", num_subcenters={self.num_subcenters}" if self.num_subcenters > 1 else "")
+                + (f", center_device={self.center_device!r}" if self.center_device else ""))
 
     def subcenter_rows(self, identities):
         """The table rows ``[S*K]`` of the local identities ``[S]``: all K sub-centers of each, in order (the
@@ -345,7 +367,10 @@ class PartialFC(nn.Module):
 
     def sample(self, labels):
         """``(index [S], target [B])`` for the global labels; see ``ops.sample_classes_ref``."""
-        return self.ops.sample_classes(labels, self.class_start, self.num_local, self.num_sample, self.sampler)
+        # The sample is taken where the table is (a host-resident table's on the host); the target goes with the labels.
+        index, target = self.ops.sample_classes(labels.to(self.ops.device), self.class_start, self.num_local,
+                                                self.num_sample, self.sampler)
+        return index, target.to(labels.device)
 
     def hold_sample(self, local_labels_list):
         """Sample once for several micro-batches (a list of their local label tensors), and reuse that sample
@@ -356,7 +381,12 @@ class PartialFC(nn.Module):
             return
         labels = torch.cat([self.comm.allgather(lab.long()) for lab in local_labels_list])
         identities = self.sample(labels)[0]
-        self.center_grad = CenterGrad(self.subcenter_rows(identities), self.ops, identities)
+        if self.host_centers is not None:
+            # The host thread gathers the rows now, while the caller runs the backbone's forward.
+            self.center_grad = self.host_centers.center_grad(self.weight, self.subcenter_rows(identities),
+                                                             identities, prefetch=True)
+        else:
+            self.center_grad = CenterGrad(self.subcenter_rows(identities), self.ops, identities)
         self.holding_sample = True
 
     def forward(self, local_embeddings, local_labels):
@@ -364,10 +394,13 @@ class PartialFC(nn.Module):
         if self.holding_sample:
             # Micro-batches of one optimizer step share the sample, so their center gradients add up.
             index = self.center_grad.identities
-            target = ops.remap_labels(labels, self.class_start, self.num_local, index)
+            target = ops.remap_labels(labels, self.class_start, self.num_local, index.to(labels.device))
         else:
             index, target = self.sample(labels)  # [S] sorted local ids, [B] in [0, S) or -1 (other rank)
-            self.center_grad = CenterGrad(self.subcenter_rows(index), self.ops, index)
+            if self.host_centers is not None:
+                self.center_grad = self.host_centers.center_grad(self.weight, self.subcenter_rows(index), index)
+            else:
+                self.center_grad = CenterGrad(self.subcenter_rows(index), self.ops, index)
         embeddings = allgather_with_grad(local_embeddings, self.comm)  # [B, D]
         features = F.normalize(embeddings.to(accumulation_dtype(self.weight.dtype)), dim=1)
         features = features.to(compute_dtype(embeddings, self.weight))  # [B, D]
@@ -375,8 +408,8 @@ class PartialFC(nn.Module):
         if adaptive is not None:
             margin = self.margin.scalars
         return MarginSoftmaxLoss.apply(features, self.center_grad.anchor, self.weight, target, self.center_grad,
-                                       margin, self.interclass_filtering_threshold, self.comm, self.ops, adaptive,
-                                       self.num_subcenters)
+                                       margin, self.interclass_filtering_threshold, self.comm, self.compute_ops,
+                                       adaptive, self.num_subcenters)
 
     def _adaptive_args(self, embeddings):
         """The adaptive margin's arguments for this step (None for a fixed margin). The running statistics

@@ -4,7 +4,11 @@ On CPU the compute device is the host, so the host-resident step runs its whole 
 point, the staging thread, the host update) with no copies, and must give the device-resident losses,
 gradients, tables and optimizer states bit for bit with the same seed.
 """
+import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -16,7 +20,7 @@ from partialfc.config import Config, ConfigError, load_config
 from partialfc.engine import checkpointer as checkpoint
 from partialfc.head import center_optimizer
 from partialfc.head.host_centers import HostCenterGrad, resolve_center_device
-from test_training import _tiny_config, _train
+from test_training import ROOT, _tiny_config, _train
 
 C, D, B = 300, 24, 16
 
@@ -201,3 +205,20 @@ def test_a_backward_after_the_next_stage_is_refused_on_the_compiled_cpu_table():
     pfc.hold_sample([next_labels])  # gathers the next rows into the buffers the pending backward reads
     with pytest.raises(RuntimeError, match="backward must follow the forward that produced the loss"):
         loss.backward()
+
+
+def test_the_benchmark_runs_on_cpu_at_a_small_size(tmp_path):
+    out = tmp_path / "host_centers.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "host_centers.py"), "--classes", "3000",
+                           "--batch", "32", "--dim", "64", "--steps", "2", "--warmup", "1", "--backbone-ms", "0", "5",
+                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert (result["classes"], result["num_sample"], result["batch"], result["dim"]) == (3000, 300, 32, 64)
+    assert [run["backbone_ms"] for run in result["runs"]] == [0.0, 5.0]
+    for run in result["runs"]:
+        assert len(run["device_times_ms"]) == len(run["host_times_ms"]) == 2
+        assert run["rate_ratio"] == pytest.approx(run["device_ms"] / run["host_ms"])
+    lines = [line for line in proc.stdout.splitlines() if "host / device step rate" in line]
+    assert len(lines) == 2 and lines[0].startswith("  backbone stand-in 0 ms: device-resident ")

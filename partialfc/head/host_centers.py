@@ -4,10 +4,10 @@ The table and its optimizer state stay in host memory whatever device the head r
 step samples travel. One step of a CUDA run (docs/kernels.md, "Host-resident centers"):
 
     main thread   labels -> allgather -> sample, with the head's own sampler (hold_sample) -> stage(rows) --+
-    host thread   gather + normalize the rows on the host (CPU kernels) into a pinned buffer [S, D],       |
-                  copy it to the device on a side stream, record an event                                  |
-    GPU           backbone forward ............................................................ .        |
-    main thread   head forward: the compute stream waits on that event <-----------------------------------+
+    host thread   gather + normalize the rows on the host (CPU kernels) into a pinned buffer [S, D],        |
+                  copy it to the device on a side stream, record an event                                   |
+    GPU           backbone forward ........................................................................ |
+    main thread   head forward: the compute stream waits on that event <------------------------------------+
                   head backward: dWs [S, D] = grad_logits^T @ features on the device, copied to a pinned host
                   buffer on the side stream while the backbone's backward runs
                   optimizer step: the CPU fused update of the sampled rows (weight, momentum / moments), on
@@ -49,14 +49,12 @@ def resolve_center_device(value):
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
-        device = None
-    if device is not None and device.type == "cpu":
+        raise ValueError(f"center_device must be '', 'auto' (the training device) or 'cpu' (host memory), got "
+                         f"{value!r}") from None
+    if device.type == "cpu":
         return HOST_RESIDENT
-    if device is not None and device.type != "cpu":
-        raise ValueError(f"center_device={value!r}: host-resident centers live in host memory ('cpu'); to keep "
-                         f"the table on the training device ({device.type}) leave center_device '' or 'auto'")
-    raise ValueError(f"center_device must be '', 'auto' (the training device) or 'cpu' (host memory), got "
-                     f"{value!r}")
+    raise ValueError(f"center_device={value!r}: host-resident centers live in host memory ('cpu'); to keep "
+                     f"the table on the training device ({device.type}) leave center_device '' or 'auto'")
 
 
 class HostCenters:

@@ -145,9 +145,11 @@ class HostCenters:
             table.gather_normalize_out(weight, stage.rows, centers, inv_norm)
             return centers, inv_norm, None
         inv_norm = torch.empty((num_rows,), dtype=accumulation_dtype(weight.dtype))  # stays here for the update
-        if self._last_copy is not None:
-            self._last_copy.synchronize()  # the previous step's copy has finished reading the pinned buffer
-        staged = self._pinned_buffer("centers", (num_rows, dim), stage.dtype)
+        # This thread's current device is the first GPU until set: pinning and the events belong to the head's.
+        with torch.cuda.device(self.device):
+            if self._last_copy is not None:
+                self._last_copy.synchronize()  # the previous step's copy has finished reading the pinned buffer
+            staged = self._pinned_buffer("centers", (num_rows, dim), stage.dtype)
         table.gather_normalize_out(weight, stage.rows, staged, inv_norm)
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             centers = torch.empty((num_rows, dim), dtype=stage.dtype, device=self.device)
@@ -162,9 +164,10 @@ class HostCenters:
         ``(host tensor, event or None)``; the host tensor is ``grad`` itself when the device is the host."""
         if self.device.type == "cpu":
             return grad, None
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(self.device))
-        host = self._pinned_buffer("grad", tuple(grad.shape), grad.dtype)
+        with torch.cuda.device(self.device):
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            host = self._pinned_buffer("grad", tuple(grad.shape), grad.dtype)
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             self._stream.wait_event(ready)
             host.copy_(grad, non_blocking=True)

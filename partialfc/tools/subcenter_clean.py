@@ -1,6 +1,7 @@
 """Clean a training set with a sub-center ArcFace run (num_subcenters = K > 1), as Deng et al. (ECCV 2020) do.
 
     python -m partialfc.tools.subcenter_clean RUN_DIR OUT_DIR [--rec DIR] [--threshold 75] [--batch-size 256]
+                                              [--write-rec]
 
 ``RUN_DIR`` is a finished run's output folder (``model.pt``, ``config.json``, ``softmax_fc_rank_<r>.pt``) or a
 checkpoint (a ``checkpoints/step_<N>`` folder, or an output folder without final files: its newest sealed
@@ -12,7 +13,15 @@ above ``--threshold`` degrees is dropped. Written to ``OUT_DIR``:
 - ``kept_samples.txt``: the positions of the kept samples in the training set, one a line, after a ``# samples:
   N`` line; train on them with ``train_index=OUT_DIR/kept_samples.txt`` (same ``rec``);
 - ``clean_report.json``: the counts (samples and identities, kept and dropped), the threshold, and per identity
-  its samples, kept samples and dominant sub-center. The summary is printed too.
+  its samples, kept samples and dominant sub-center. The summary is printed too;
+- with ``--write-rec`` (a .rec training set only): ``train.rec`` + ``train.idx`` holding the kept samples'
+  records byte for byte, in their order, in the plain im2rec layout (keys 0..M-1), ``property`` with the
+  set's class count, and a copy of the set's ``*.bin`` verification sets: train on it with ``rec=OUT_DIR``.
+  Labels are not renumbered, so the class count stays the set's; an identity that lost every sample keeps its
+  label (its centers are then only ever negatives). When the last identities lost every sample the labels no
+  longer reach the count in ``property``, and training needs ``num_classes`` set to it (the tool says so).
+
+docs/cleaning.md walks through a cleaning run and gives the figures measured on the synthetic identities.
 """
 import argparse
 import json
@@ -138,6 +147,29 @@ def clean(embeddings, labels, centers, k, threshold_deg=75.0):
     return angle <= threshold_deg, angle, dominant, votes.sum(dim=1)
 
 
+def write_kept_rec(dataset, kept, out_dir):
+    """Copy the records of ``dataset`` (an ``IndexedRecordDataset``) at positions ``kept`` byte for byte into
+    ``out_dir/train.rec`` + ``train.idx`` + ``property``, with the set's ``*.bin`` verification sets; the
+    ``train.rec`` path."""
+    from partialfc.data import recordio
+    from partialfc.data.noisy import copy_verification_sets, write_plain_rec
+
+    def records():
+        for i in kept.tolist():
+            record = dataset.file.record(dataset.offsets[i], int(dataset.keys[i]))
+            label = recordio.split_label(record)[0]
+            if label != int(dataset.labels[i]):
+                # an insightface-layout set whose identity records disagree with the image's own header: the
+                # copy, read by its headers, would train another label than the one the run was scored on
+                raise ToolError(f"record key {int(dataset.keys[i])} of {dataset.path!r} has label {label} in its "
+                                f"header, but its identity record says {int(dataset.labels[i])}: rebuild the set")
+            yield record
+
+    write_plain_rec(out_dir, records(), dataset.num_classes)
+    copy_verification_sets(os.path.dirname(dataset.path), out_dir)
+    return os.path.join(out_dir, "train.rec")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m partialfc.tools.subcenter_clean",
                                      description=__doc__.split("\n\n")[0])
@@ -147,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, default=75.0,
                         help="drop samples further than this many degrees from their dominant sub-center (75)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--write-rec", action="store_true",
+                        help="also write OUT_DIR/train.rec + train.idx + property holding the kept samples' records")
     args = parser.parse_args(argv)
     if not 0 < args.threshold <= 180:
         raise ToolError(f"--threshold must be in (0, 180] degrees, got {args.threshold}")
@@ -158,6 +192,12 @@ def main(argv=None):
     if kind not in ("synthetic", "indexed", "folder"):
         raise ToolError(f"rec = {config.rec!r} ({kind}): cleaning needs an indexed training set (synthetic, a "
                         f".rec with its .idx, or an image folder), not shuffled_rec")
+    if args.write_rec and kind != "indexed":
+        raise ToolError(f"--write-rec copies the records of a .rec training set, and rec = {config.rec!r} is "
+                        f"{'the synthetic set' if kind == 'synthetic' else 'an image folder'}: train on the kept "
+                        f"samples with train_index=OUT_DIR/kept_samples.txt instead")
+    if args.write_rec and os.path.abspath(os.path.dirname(dataset.path)) == os.path.abspath(args.out_dir):
+        raise ToolError(f"OUT_DIR {args.out_dir!r} holds the training set itself: --write-rec needs another folder")
     if int(dataset.num_classes) != num_classes:
         raise ToolError(f"{what} has {num_classes} identities, but the training set {config.rec!r} has "
                         f"{int(dataset.num_classes)}: clean the set the run was trained on")
@@ -180,12 +220,21 @@ def main(argv=None):
                   per_identity={str(c): dict(samples=int(count[c]), kept=int(kept_per_id[c]),
                                              dominant_subcenter=int(dominant[c]))
                                 for c in range(num_classes) if count[c] > 0})
+    if args.write_rec:
+        report["cleaned_rec"] = write_kept_rec(dataset, kept, args.out_dir)
+        top = int(labels[keep].max()) + 1 if len(kept) else 0
+        # the plain layout's labels then stop short of the class count in property: the loader asks for it
+        report["cleaned_rec_needs_num_classes"] = top < num_classes
     report_path = os.path.join(args.out_dir, "clean_report.json")
     write_atomic(report_path, lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"{what}: {len(labels)} samples of {report['identities_with_samples']} identities, K = {k}; kept "
           f"{len(kept)}, dropped {report['dropped']} ({100.0 * report['dropped'] / max(1, len(labels)):.1f}%) beyond "
           f"{args.threshold:g} degrees of their dominant sub-center; {report['identities_dropped']} identities lost "
           f"every sample. Wrote {index_path} (train with train_index={index_path}) and {report_path}")
+    if args.write_rec:
+        print(f"Wrote the kept samples' records to {report['cleaned_rec']} (train with rec={args.out_dir}"
+              + (f" num_classes={num_classes}: identities from {top} on lost every sample, so the labels no longer "
+                 f"show the class count" if report["cleaned_rec_needs_num_classes"] else "") + ")")
     return 0
 
 

@@ -3,7 +3,9 @@ clean with tools.subcenter_clean, score the cleaning against the ground truth, a
 against the noisy one. Also the relabelling tool (partialfc.data.noisy) on its own.
 
 The scale (docs/cleaning.md): 100 identities x 20 photos, the small backbone, a 64-d embedding, 200 steps of 64
-for the K = 3 run (6.4 epochs) and 150 for each retraining; about a minute on 2 CPU cores."""
+for the K = 3 run (6.4 epochs) and 150 for each retraining; about 75 s on 2 CPU cores. At this scale the paper's
+75 degrees separates: relabelled photos sit about 90 degrees from their label's dominant sub-center (near their
+true identity's), and after 6.4 epochs 97% of the clean ones are within 75."""
 import json
 import os
 
@@ -71,7 +73,9 @@ def test_subcenter_cleaning_removes_relabelled_photos_and_retraining_verifies_be
     print(f"removed {100 * removed_noisy:.1f}% of the relabelled photos, kept {100 * kept_clean:.1f}% of the "
           f"clean ones; verification {on_cleaned:.4f} after training on the cleaned set, {on_noisy:.4f} on the "
           f"noisy one (untrained {untrained:.4f})")
-    assert on_cleaned >= on_noisy + 0.02, (on_cleaned, on_noisy)
+    # Measured 0.9533 against 0.9017 here, and gaps of 3.0 and 5.0 points with the noise drawn from other seeds
+    # (docs/cleaning.md); one point is about a standard error of the difference on 600 pairs.
+    assert on_cleaned >= on_noisy + 0.01, (on_cleaned, on_noisy)
 
 
 def _insightface_rec(folder, counts):

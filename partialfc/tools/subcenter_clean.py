@@ -12,8 +12,9 @@ above ``--threshold`` degrees is dropped. Written to ``OUT_DIR``:
 
 - ``kept_samples.txt``: the positions of the kept samples in the training set, one a line, after a ``# samples:
   N`` line; train on them with ``train_index=OUT_DIR/kept_samples.txt`` (same ``rec``);
-- ``clean_report.json``: the counts (samples and identities, kept and dropped), the threshold, and per identity
-  its samples, kept samples and dominant sub-center. The summary is printed too;
+- ``clean_report.json``: the counts (samples and identities, kept and dropped), the threshold, percentiles of
+  the samples' angles to their dominant sub-centers (``angle_percentiles_deg``: where the threshold cuts), and
+  per identity its samples, kept samples and dominant sub-center. The summary is printed too;
 - with ``--write-rec`` (a .rec training set only): ``train.rec`` + ``train.idx`` holding the kept samples'
   records byte for byte, in their order, in the plain im2rec layout (keys 0..M-1), ``property`` with the
   set's class count, and a copy of the set's ``*.bin`` verification sets: train on it with ``rec=OUT_DIR``.
@@ -25,7 +26,6 @@ docs/cleaning.md walks through a cleaning run and gives the figures measured on 
 """
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from partialfc.config import Config, default_config, validate
 from partialfc.tools import ToolError, run_cli
 
+ANGLE_PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 _FINAL_SHARD = re.compile(r"^softmax_fc_rank_(\d+)\.pt$")
 
 
@@ -217,6 +218,9 @@ def main(argv=None):
                   samples=len(labels), kept=len(kept), dropped=len(labels) - len(kept), identities=num_classes,
                   identities_with_samples=int((count > 0).sum()),
                   identities_dropped=int(((count > 0) & (kept_per_id == 0)).sum()), train_index=index_path,
+                  # where the threshold cuts: the spread of every sample's angle to its dominant sub-center
+                  angle_percentiles_deg={str(q): round(float(v), 2) for q, v in
+                                         zip(ANGLE_PERCENTILES, np.percentile(angle.numpy(), ANGLE_PERCENTILES))},
                   per_identity={str(c): dict(samples=int(count[c]), kept=int(kept_per_id[c]),
                                              dominant_subcenter=int(dominant[c]))
                                 for c in range(num_classes) if count[c] > 0})

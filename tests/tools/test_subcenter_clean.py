@@ -96,9 +96,8 @@ def test_write_rec_copies_the_kept_records_byte_for_byte(tmp_path):
         return rows.reshape(8, -1)
 
     e, y = _k2_run(tmp_path / "run", rec, 4, centers_of)
-    w = torch.nn.functional.normalize(centers_of(e, y), dim=1).view(4, 2, -1)
-    best = torch.einsum("nd,nkd->nk", e, w[y]).clamp(-1, 1).acos().rad2deg()  # [N, 2] degrees
-    threshold = float(best[y < 3].min(dim=1).values.median())  # a cut through identities 0-2, none of 3
+    angle = clean(e, y, centers_of(e, y), 2)[1]  # [N] degrees to the dominant sub-center (the rule tested above)
+    threshold = float(angle[y < 3].median())  # a cut through identities 0-2; identity 3's samples are all beyond
     out = tmp_path / "clean"
     assert main([str(tmp_path / "run"), str(out), "--write-rec", "--threshold", str(threshold)]) == 0
     kept = read_train_index(str(out / "kept_samples.txt"), 20)
@@ -111,6 +110,8 @@ def test_write_rec_copies_the_kept_records_byte_for_byte(tmp_path):
     assert (out / "pairs.bin").read_bytes() == b"verification pairs"
     report = json.loads((out / "clean_report.json").read_text())
     assert report["cleaned_rec"] == str(out / "train.rec") and report["cleaned_rec_needs_num_classes"] is True
+    assert report["angle_percentiles_deg"]["50"] == pytest.approx(float(np.percentile(angle.numpy(), 50)), abs=0.01)
+    assert report["angle_percentiles_deg"]["99"] > 90  # identity 3's samples, opposite their centers
     # Identity 3 lost every sample: the labels stop at 2, so the class count is the config's to give.
     with pytest.raises(DataError, match="the class count of .* is ambiguous: 4 from property file"):
         IndexedRecordDataset(str(out / "train.rec"))

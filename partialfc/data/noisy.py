@@ -177,12 +177,10 @@ def read_relabelled(path):
                 samples = int(line.split(":")[1])
             if not line or line.startswith("#"):
                 continue
-            try:
-                rows.append([int(v) for v in line.split("\t")])
-            except ValueError:
-                rows = None
-            if rows is None or len(rows[-1]) != 3:
+            fields = line.split("\t")
+            if len(fields) != 3 or not all(v.lstrip("-").isdigit() for v in fields):
                 raise DataError(f"{path!r} line {lineno}: {line!r} is not 'position<TAB>original_label<TAB>label'")
+            rows.append([int(v) for v in fields])
     if samples is None:
         raise DataError(f"{path!r} has no '# samples: N' line: not a relabelled.tsv ground truth")
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)

@@ -218,7 +218,8 @@ class Trainer:
         self.pfc = PartialFC(config.embedding_size, num_classes, config.sample_rate, margin_from_config(config),
                              comm=comm, interclass_filtering_threshold=config.interclass_filtering_threshold,
                              seed=config.seed, use_ext=config.use_ext,
-                             num_subcenters=config.num_subcenters, center_device=config.center_device).to(device)
+                             num_subcenters=config.num_subcenters, center_dtype=config.center_dtype,
+                             center_device=config.center_device).to(device)
         self._init_weights(config, num_classes)
         self._build_distillation(config)
         # The module the data-parallel wrapper and the backbone optimizer see: the backbone, with the

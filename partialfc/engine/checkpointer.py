@@ -28,6 +28,7 @@ import torch
 
 from ..fileio import write_atomic
 from ..head.partial_fc import partition_classes
+from ..head.precision import dtype_name, exp_avg_sq_dtype
 from . import reshard
 from .run_folder import read_run
 
@@ -172,6 +173,7 @@ class Checkpointer:
         return dict(weight=self.pfc.weight.detach().cpu(), pfc_optimizer=self.pfc_optimizer.state_dict(),
                     class_start=self.pfc.class_start, num_local=self.pfc.num_local,
                     num_subcenters=self.pfc.num_subcenters,  # rows per identity: weight is [num_local * K, D]
+                    center_dtype=dtype_name(self.pfc.weight.dtype),  # the table's storage (weight's dtype)
                     sampler=self.pfc.sampler.get_state(), torch_rng=torch.get_rng_state(),
                     cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
 
@@ -230,6 +232,7 @@ class Checkpointer:
                          step=step, epoch=epoch, batch_in_epoch=sample_in_epoch // global_batch,
                          sample_in_epoch=sample_in_epoch, global_batch=global_batch, world_size=comm.size,
                          num_classes=self.pfc.num_classes, num_subcenters=self.pfc.num_subcenters,
+                         center_dtype=dtype_name(self.pfc.weight.dtype),
                          run_id=self.run_id, head={k: v.cpu() for k, v in self.pfc.head_state().items()},  # same on every rank
                          extra_modules={name: m.state_dict() for name, m in self.extra_modules.items()},
                          config=json.dumps(self.config, default=str))
@@ -290,6 +293,7 @@ class Checkpointer:
             raise RuntimeError(f"cannot resume from {folder}: it holds the modules {sorted(saved_modules)} beside "
                                f"the backbone and this run has {sorted(self.extra_modules)} (a distillation "
                                f"projection comes with teacher_embedding_size != embedding_size)")
+        self._log_dtype_change(folder, mine)
         self.backbone.load_state_dict(trainer["backbone"])
         for name, module in self.extra_modules.items():
             module.load_state_dict(saved_modules[name])
@@ -329,6 +333,20 @@ class Checkpointer:
         global_batch = self.comm.size * int(self.config.batch_size)
         return dict(step=trainer["step"], epoch=trainer["epoch"], batch_in_epoch=sample // global_batch,
                     sample_in_epoch=sample)
+
+    def _log_dtype_change(self, folder, mine):
+        """One line when the checkpoint's class centers are stored in another dtype than this run's
+        ``center_dtype``: the table and its optimizer state are converted as they load (to nearest)."""
+        then, now = mine["weight"].dtype, self.pfc.weight.dtype
+        if then == now:
+            return
+        state = ((mine.get("pfc_optimizer") or {}).get("state") or {}).get(0) or {}
+        sq = state.get("exp_avg_sq")
+        moments = (f", exp_avg_sq {dtype_name(sq.dtype)} -> {dtype_name(exp_avg_sq_dtype(now))}"
+                   if isinstance(sq, torch.Tensor) and sq.dtype != exp_avg_sq_dtype(now) else "")
+        self.log(f"resume: {folder} holds the class centers in {dtype_name(then)}, this run's center_dtype is "
+                 f"{dtype_name(now)}: the table and its optimizer state are converted from {dtype_name(then)} to "
+                 f"{dtype_name(now)}{moments}")
 
     @staticmethod
     def _saved_sample_in_epoch(trainer):
@@ -488,7 +506,7 @@ class Checkpointer:
         """``model.pt`` (the backbone state_dict, arcface_torch layout) and each rank's class-center shard."""
         shard = dict(weight=self.pfc.weight.detach().cpu(), class_start=self.pfc.class_start,
                      num_classes=self.pfc.num_classes, world_size=self.comm.size,
-                     num_subcenters=self.pfc.num_subcenters)
+                     num_subcenters=self.pfc.num_subcenters, center_dtype=dtype_name(self.pfc.weight.dtype))
         save_atomic(shard, os.path.join(self.output, f"softmax_fc_rank_{self.comm.rank}.pt"))
         if self.comm.rank == 0:
             save_atomic(self.backbone.state_dict(), os.path.join(self.output, "model.pt"))

@@ -8,6 +8,14 @@ order, they must cover ``[0, num_classes)`` without a gap or an overlap; any W' 
 ``partition_classes`` ranges from them. Shards are opened with ``torch.load(mmap=True)``: a rank reads only
 the rows it takes.
 
+Sub-center ArcFace (``num_subcenters`` K > 1): a shard holds K table rows per identity, identity c's at
+``(c - class_start)*K .. (c - class_start)*K + K - 1``, so ``weight`` and every per-row optimizer state have
+``num_local * K`` rows. ``class_start``, ``num_local`` and the class ranges count identities, not rows, and the
+shard records K as ``num_subcenters`` (absent: 1; :func:`subcenters` reads it). A re-split moves whole
+identities: ``take_rows`` copies all K rows of each identity it takes, never part of one. Shards with different
+K do not form one table (a ``ReshardError`` names both); ``merge`` and ``split`` carry K along, and a resume or
+``init_centers`` compares it with the run's ``num_subcenters``.
+
 Seed rule of a re-split: the class ranges change on every rank, so every rank's class sampler restarts,
 seeded from ``(seed, rank, step)``; a rank that did not exist in the checkpoint also takes its torch (and
 CUDA) RNG from that rule, a rank that did keeps its own. See :func:`derived_seed`.
@@ -97,6 +105,7 @@ def check_tiling(shards, num_classes=None):
     embedding size; a ``ReshardError`` names the file, its class range and what is wrong."""
     shards = sorted(shards, key=lambda s: (s["start"], s["stop"]))
     dim = shards[0]["state"]["weight"].shape[1]
+    dtype = shards[0]["state"]["weight"].dtype
     expect = 0
     for shard in shards:
         where = f"{shard['path']} (classes [{shard['start']}, {shard['stop']}))"
@@ -106,6 +115,10 @@ def check_tiling(shards, num_classes=None):
         if shard["state"]["weight"].shape[1] != dim:
             raise ReshardError(f"{where}: embedding size {shard['state']['weight'].shape[1]}, but "
                                f"{shards[0]['path']} has {dim}")
+        if shard["state"]["weight"].dtype != dtype:
+            # One table has one storage dtype: concatenating would promote the rows silently.
+            raise ReshardError(f"{where}: class centers stored as {_dtype_name(shard['state']['weight'].dtype)}, "
+                               f"but {shards[0]['path']} stores {_dtype_name(dtype)}")
         if shard["start"] > expect:
             raise ReshardError(f"{where}: classes [{expect}, {shard['start']}) are in no shard (a gap; is a rank's "
                                f"file missing?)")
@@ -116,6 +129,10 @@ def check_tiling(shards, num_classes=None):
         raise ReshardError(f"{shards[-1]['path']} (classes [{shards[-1]['start']}, {expect})): the shards end at "
                            f"class {expect}, but there are {num_classes} classes (is a rank's file missing?)")
     return shards
+
+
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
 
 
 def subcenters(shard):
@@ -235,7 +252,8 @@ def merge(folder):
     weight, rows, rest, param_groups, _ = take_rows(shards, 0, total)
     return dict(format=MERGED_FORMAT, num_classes=total, embedding_size=int(weight.shape[1]), weight=weight,
                 optimizer_rows=rows, optimizer_rest=rest, param_groups=param_groups, trainer=trainer,
-                source_world_size=len(files), num_subcenters=subcenters(shards[0]))
+                source_world_size=len(files), num_subcenters=subcenters(shards[0]),
+                center_dtype=_dtype_name(weight.dtype))
 
 
 def load_merged(path):
@@ -275,11 +293,12 @@ def split(merged, world_size, output, log=print):
         state = dict(weight=weight.clone(), pfc_optimizer=optimizer_state_dict(
                          {k: v.clone() for k, v in rows.items()}, rest, groups),
                      class_start=start, num_local=num, num_subcenters=k, sampler=sampler, torch_rng=torch_rng,
-                     cuda_rng=None, derived_rng=True)
+                     cuda_rng=None, derived_rng=True, center_dtype=_dtype_name(weight.dtype))
         save_atomic(state, os.path.join(folder, f"rank_{rank}.pt"))
     trainer["world_size"] = world_size
     trainer["num_classes"] = num_classes
     trainer["num_subcenters"] = k
+    trainer["center_dtype"] = _dtype_name(merged["weight"].dtype)  # split keeps the merged table's dtype
     save_atomic(trainer, os.path.join(folder, "trainer.pt"))
     write_manifest(folder, world_size, step, run_id=trainer.get("run_id"))
     log(f"wrote {folder}: {num_classes} classes over {world_size} ranks, step {step}")

@@ -30,6 +30,7 @@ from .. import ops
 from ..comm import allgather_with_grad, get_comm
 from ..ops import accumulation_dtype, compute_dtype
 from .margins import AdaFace, CurricularFace, resolve_margin
+from .precision import fill_normal_, is_low_precision, resolve_center_dtype
 
 
 class CenterGrad:
@@ -40,9 +41,17 @@ class CenterGrad:
     backward into the sparse update (``normalize_backward_sgd_update``, ``normalize_backward_adamw_update``).
     Micro-batches that share one sample (``PartialFC.hold_sample``) add into it: the normalize backward is
     linear in that gradient.
+
+    ``reuse_centers`` (a low-precision table's step, without ``hold_sample``): the gradient is written over the
+    forward's centers once the backward has used them for ``grad_features``, instead of into a second [S, D]
+    buffer, which at the largest class counts is the difference between fitting and not (docs/memory.md). The
+    update recomputes the normalized rows from the table anyway; ``rows()`` does so too, and a second
+    ``step()`` on the same gradient, which needs the forward's rows after the table has moved, is refused.
     """
 
-    def __init__(self, index, table, identities=None):
+    def __init__(self, index, table, identities=None, reuse_centers=False):
+        self.reuse_centers = reuse_centers
+        self.weight = None  # the table, set by the forward (rows() recomputes reused centers from it)
         self.index = index  # [S] sorted rows of the table (with K sub-centers, [S*K]: all K rows of each identity)
         self.identities = index if identities is None else identities  # [S] sorted local class ids
         self.table = table
@@ -61,7 +70,10 @@ class CenterGrad:
         num_sample, dim = self.centers.shape
         acc = self.inv_norm.dtype
         if self.normalized_grad is None:
-            out = self.table.empty("grad_centers", (num_sample, dim), acc)
+            if self.reuse_centers and self.centers.dtype == acc and self.centers.is_contiguous():
+                out, self.centers = self.centers, None  # [S, D]: grad_features has read the centers
+            else:
+                out = self.table.empty("grad_centers", (num_sample, dim), acc)
             if grad_logits.dtype == acc:
                 torch.mm(grad_logits.t(), features, out=out)
             else:
@@ -84,46 +96,59 @@ class CenterGrad:
         """The gradient of the raw rows ``weight[index]`` [S, D] (a new tensor), or None before backward."""
         if self.normalized_grad is None:
             return None
+        centers = self.centers
+        if centers is None:  # reuse_centers: the forward's rows, recomputed from the table
+            if self.applied:
+                raise RuntimeError("a second optimizer step on one backward's gradient needs the forward's "
+                                   "normalized centers, which a bfloat16/float16 table's step overwrites with "
+                                   "their gradient to save memory: run forward and backward again")
+            centers = self.weight.index_select(0, self.index).to(self.inv_norm.dtype).mul_(self.inv_norm[:, None])
         out = torch.empty_like(self.normalized_grad)
-        self.table.gather_normalize_backward_out(self.normalized_grad, self.centers, self.inv_norm, out)
+        self.table.gather_normalize_backward_out(self.normalized_grad, centers, self.inv_norm, out)
         return out
 
     @torch.no_grad()
-    def sgd_update(self, weight, momentum_buffer, lr, momentum, weight_decay, grad_scale=1.0):
-        """SGD with momentum on the rows ``index`` of ``weight`` for this gradient divided by ``grad_scale``."""
+    def sgd_update(self, weight, momentum_buffer, lr, momentum, weight_decay, grad_scale=1.0, rounding=None):
+        """SGD with momentum on the rows ``index`` of ``weight`` for this gradient divided by ``grad_scale``;
+        ``rounding``: the update ops' stochastic-rounding arguments (``rounding_seed``, ``rounding_step``,
+        ``class_start``) for a low-precision table."""
         if self.normalized_grad is None:
             return
+        rounding = rounding or {}
         if not self.applied:
             # The table still holds the rows the forward normalized: the kernel recomputes them from it.
             self.table.normalize_backward_sgd_update(weight, momentum_buffer, self.index, self.normalized_grad,
-                                                     self.inv_norm, lr, momentum, weight_decay, grad_scale)
+                                                     self.inv_norm, lr, momentum, weight_decay, grad_scale,
+                                                     **rounding)
         else:
             # A second step on the same gradient (as torch optimizers allow): the table has moved, so the
             # rows' gradient comes from the forward's normalized centers.
             rows = self.rows()
             if grad_scale != 1.0:
                 rows.div_(grad_scale)
-            self.table.sparse_sgd_update(weight, momentum_buffer, self.index, rows, lr, momentum, weight_decay)
+            self.table.sparse_sgd_update(weight, momentum_buffer, self.index, rows, lr, momentum, weight_decay,
+                                         **rounding)
         self.applied = True
 
     @torch.no_grad()
     def adamw_update(self, weight, exp_avg, exp_avg_sq, row_step, lr, beta1, beta2, eps, weight_decay,
-                     grad_scale=1.0):
+                     grad_scale=1.0, rounding=None):
         """AdamW on the rows ``index`` of ``weight`` for this gradient divided by ``grad_scale``, each row with
-        its own step count in ``row_step``."""
+        its own step count in ``row_step``; ``rounding`` as in ``sgd_update``."""
         if self.normalized_grad is None:
             return
+        rounding = rounding or {}
         if not self.applied:
             # As in sgd_update: the table still holds the rows the forward normalized.
             self.table.normalize_backward_adamw_update(weight, exp_avg, exp_avg_sq, row_step, self.index,
                                                        self.normalized_grad, self.inv_norm, lr, beta1, beta2, eps,
-                                                       weight_decay, grad_scale)
+                                                       weight_decay, grad_scale, **rounding)
         else:
             rows = self.rows()
             if grad_scale != 1.0:
                 rows.div_(grad_scale)
             self.table.sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, self.index, rows, lr, beta1, beta2,
-                                           eps, weight_decay)
+                                           eps, weight_decay, **rounding)
         self.applied = True
 
 
@@ -172,8 +197,9 @@ class MarginSoftmaxLoss(torch.autograd.Function):
     sampled centers ``weight[center_grad.index]``, whose classes are spread over the ranks.
 
     Backward returns the gradient of ``features`` and adds the gradient of the sampled centers into
-    ``center_grad``. The GEMMs run in the features' dtype; logits, statistics and gradients in the
-    accumulation dtype.
+    ``center_grad``. The GEMMs run in the features' dtype; the statistics and the centers' gradient in the
+    accumulation dtype; the logits and their gradient in the accumulation dtype, or in place in the features'
+    low-precision dtype where the table says so (``OpTable.margin_in_compute_dtype``).
     """
 
     @staticmethod
@@ -191,10 +217,13 @@ class MarginSoftmaxLoss(torch.autograd.Function):
             else:
                 # Host-resident table: the host gathered and normalized the rows, inv_norm stays there.
                 centers, inv_norm = center_grad.stage.wait(features.dtype)
-            logits = table.empty_logits("logits", batch, num_sample, acc)  # [B, S]
-            if features.dtype == acc:
+            if features.dtype == acc or table.margin_in_compute_dtype:
+                # [B, S] in the GEMM's dtype; bfloat16 / float16 logits are transformed there in place
+                logits = table.empty_logits("logits", batch, num_sample, features.dtype)
                 table.mm_into(features, centers.t(), logits)
             else:
+                # [B, S] float32 copy of the low-precision GEMM's output (see OpTable.margin_in_compute_dtype)
+                logits = table.empty_logits("logits", batch, num_sample, acc)
                 low = table.empty_logits("logits_lowp", batch, num_sample, features.dtype)
                 logits.copy_(table.mm_into(features, centers.t(), low))
             argmax = None
@@ -212,7 +241,7 @@ class MarginSoftmaxLoss(torch.autograd.Function):
                 row_max, sum_exp, target_logit, target_cos = table.margin_softmax_forward_adaptive(
                     logits, target, s, m1, m2, m3, filter_threshold, **adaptive_kwargs)
             loss, global_max, global_sum_exp = combine_statistics(comm, row_max, sum_exp, target_logit)
-        center_grad.centers, center_grad.inv_norm = centers, inv_norm
+        center_grad.centers, center_grad.inv_norm, center_grad.weight = centers, inv_norm, weight
         table.generation += 1
         ctx.generation, ctx.table, ctx.center_grad = table.generation, table, center_grad
         ctx.margin, ctx.filter_threshold, ctx.adaptive_kwargs = margin, filter_threshold, adaptive_kwargs
@@ -267,6 +296,10 @@ class PartialFC(nn.Module):
     same on every rank); its backward gives each rank the single-process gradient of its own samples, and
     ``pfc.center_grad`` the gradient of this rank's sampled centers.
 
+    ``center_dtype`` ("float32", "bfloat16", "float16") is the storage of the table and of its optimizer state;
+    the step computes in float32 either way, and the optimizers round low-precision writes stochastically
+    (``partialfc.head.precision``, docs/memory.md).
+
     ``center_device="cpu"`` keeps the table and its optimizer state in host memory whatever ``.to()`` says; each
     step's sampled rows are gathered there and staged for the compute device (``partialfc.head.host_centers``,
     docs/kernels.md). ``""`` or ``"auto"``: the table lives on the module's device.
@@ -274,7 +307,7 @@ class PartialFC(nn.Module):
 
     def __init__(self, embedding_size, num_classes, sample_rate=1.0, margin=(64.0, 1.0, 0.5, 0.0), comm=None,
                  interclass_filtering_threshold=0.0, seed=2048, use_ext=True, num_subcenters=1,
-                 center_device=""):
+                 center_dtype="float32", center_device=""):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -298,10 +331,12 @@ class PartialFC(nn.Module):
         # use_ext: the compiled kernels when they are loaded for the device; False: the reference ops.
         self.use_ext = bool(use_ext)
         self.ops = ops.op_table("cpu", self.use_ext)  # follows the table's device, see _apply
+        self.seed = int(seed)  # the optimizers derive their stochastic-rounding seed from it
         init = torch.Generator().manual_seed(seed + self.comm.rank)
         # Class centers are updated by SparseSGD only; autograd never sees them as a leaf.
-        weight = self.ops.empty_table((self.num_local * self.num_subcenters, embedding_size), torch.float32)
-        self.weight = nn.Parameter(weight.normal_(0, 0.01, generator=init), requires_grad=False)
+        weight = self.ops.empty_table((self.num_local * self.num_subcenters, embedding_size),
+                                      resolve_center_dtype(center_dtype))
+        self.weight = nn.Parameter(fill_normal_(weight, 0.01, init), requires_grad=False)
         self.sampler = torch.Generator().manual_seed(seed * 7919 + self.comm.rank)
         self.center_grad = None  # CenterGrad of the current sample
         self.holding_sample = False  # see hold_sample()
@@ -400,7 +435,8 @@ class PartialFC(nn.Module):
             if self.host_centers is not None:
                 self.center_grad = self.host_centers.center_grad(self.weight, self.subcenter_rows(index), index)
             else:
-                self.center_grad = CenterGrad(self.subcenter_rows(index), self.ops, index)
+                self.center_grad = CenterGrad(self.subcenter_rows(index), self.ops, index,
+                                              reuse_centers=is_low_precision(self.weight.dtype))
         embeddings = allgather_with_grad(local_embeddings, self.comm)  # [B, D]
         features = F.normalize(embeddings.to(accumulation_dtype(self.weight.dtype)), dim=1)
         features = features.to(compute_dtype(embeddings, self.weight))  # [B, D]

@@ -2,7 +2,8 @@
 centers' optimizer from the run's optimizer setting."""
 import torch
 
-from .sparse_sgd import SparseSGD
+from .precision import exp_avg_sq_dtype
+from .sparse_sgd import SparseSGD, restore_rounding_step, rounding_args
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "row_step")
 
@@ -17,6 +18,9 @@ class SparseAdamW(torch.optim.Optimizer):
     (``sample_rate=1``) this is ``torch.optim.AdamW`` over the whole table. It is a ``torch.optim.Optimizer``
     over ``[pfc.weight]``, so LR schedulers and ``state_dict`` work; the gradient it applies is
     ``pfc.center_grad``. State per identity: two moments of D floats and one counter.
+
+    ``exp_avg`` is stored in the table's dtype, ``exp_avg_sq`` too except on a float16 table (float32 there:
+    ``partialfc.head.precision``); ``rounding_step`` counts the optimizer's steps, as in ``SparseSGD``.
     """
 
     def __init__(self, pfc, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
@@ -31,21 +35,25 @@ class SparseAdamW(torch.optim.Optimizer):
         self.pfc = pfc
 
     def materialize_state(self):
-        """The state of ``pfc.weight`` (``exp_avg``, ``exp_avg_sq`` [C, D] and ``row_step`` [C]), allocated
-        (zeros) if missing, so a checkpoint taken before the first step holds it too."""
+        """The state of ``pfc.weight`` (``exp_avg``, ``exp_avg_sq`` [C, D], ``row_step`` [C] and
+        ``rounding_step`` []), allocated (zeros) if missing, so a checkpoint taken before the first step holds it
+        too."""
         weight = self.param_groups[0]["params"][0]
         state = self.state[weight]
         if not all(key in state for key in STATE_KEYS):
             # Allocated like the table (huge pages on CPU): the update touches S scattered rows of each.
             table = self.pfc.ops
             state["exp_avg"] = table.empty_table(weight.shape, weight.dtype).zero_()
-            state["exp_avg_sq"] = table.empty_table(weight.shape, weight.dtype).zero_()
+            state["exp_avg_sq"] = table.empty_table(weight.shape, exp_avg_sq_dtype(weight.dtype)).zero_()
             state["row_step"] = table.empty_table(weight.shape[:1], torch.int64).zero_()
+        if "rounding_step" not in state:
+            state["rounding_step"] = torch.tensor(0, dtype=torch.int64)
         return state
 
     def load_state_dict(self, state_dict):
-        # torch.optim casts every floating state tensor to the parameter's dtype, and every other one (the
-        # integer step counts too) only moves: take row_step from the incoming dict to keep it exact.
+        # torch.optim casts every state tensor to the parameter's dtype (the integer step counts too): take
+        # row_step and rounding_step from the incoming dict to keep them exact, and exp_avg_sq, which a
+        # float16 table keeps in float32.
         incoming = list(state_dict.get("state", {}).values())
         super().load_state_dict(state_dict)
         weight = self.param_groups[0]["params"][0]
@@ -65,10 +73,12 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"SparseAdamW state_dict: row_step must be an integer tensor, got "
                              f"{saved['row_step'].dtype}")
         # Back the restored state like a fresh one (see materialize_state).
+        # A checkpoint of another center_dtype converts here, to nearest.
         table, state = self.pfc.ops, self.state[weight]
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = table.empty_table(weight.shape, weight.dtype).copy_(state[key])
+        state["exp_avg"] = table.empty_table(weight.shape, weight.dtype).copy_(state["exp_avg"])
+        state["exp_avg_sq"] = table.empty_table(weight.shape, exp_avg_sq_dtype(weight.dtype)).copy_(saved["exp_avg_sq"])
         state["row_step"] = table.empty_table(weight.shape[:1], torch.int64).copy_(saved["row_step"])
+        restore_rounding_step(state, saved)
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale=1.0):
@@ -77,13 +87,15 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.pfc.center_grad is not None:
+        center_grad = self.pfc.center_grad
+        if center_grad is not None and center_grad.normalized_grad is not None:
             group = self.param_groups[0]
             state = self.materialize_state()
             beta1, beta2 = group["betas"]
-            self.pfc.center_grad.adamw_update(group["params"][0], state["exp_avg"], state["exp_avg_sq"],
-                                              state["row_step"], group["lr"], beta1, beta2, group["eps"],
-                                              group["weight_decay"], grad_scale)
+            center_grad.adamw_update(group["params"][0], state["exp_avg"], state["exp_avg_sq"], state["row_step"],
+                                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"], grad_scale,
+                                     rounding_args(self.pfc, state))
+            state["rounding_step"] += 1
         return loss
 
     def zero_grad(self, set_to_none=True):

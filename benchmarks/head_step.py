@@ -4,6 +4,14 @@
     python benchmarks/head_step.py --device cuda         # GPU: B=512 at 1M and 10M classes
     python benchmarks/head_step.py --device cuda --dtype bfloat16   # the step under bf16 autocast
 
+--center-dtype bfloat16 / float16 stores the head's class-center table and its momentum in that dtype
+(PartialFC(center_dtype=...), stochastic rounding in the update); the step still computes in --dtype. The dense
+baseline then keeps its own float32 table, and the GEMM floor writes its third product over the sampled centers'
+buffer, which it shares with the head's step, as the head's low-precision step writes the centers' gradient
+over the gathered centers (docs/memory.md). The largest CPU run on a 24 GB machine, alone on it:
+
+    python benchmarks/head_step.py --classes 8000000 --center-dtype bfloat16 --variants fused gemm
+
 --dtype bfloat16 / float16 runs each variant's step as training runs it under amp_dtype: the embeddings are
 made in that dtype (a backbone's output under autocast) and the forward runs under torch.autocast of that
 dtype, so the head's GEMMs run in it (float16: CUDA only, with a fixed loss scale passed to the optimizer, as
@@ -19,9 +27,10 @@ For each class count it runs, each in its own subprocess (so that peak memory is
                  preallocated outputs, in the fused path's layout (on CPU the logits are held class by class,
                  so the first product is computed as [S,D]x[D,B], which MKL runs faster)
 and prints the median step time, the ratios (c)/(a) and (a)/(d) (of the medians, and the median of the ratios
-of back-to-back steps), and each variant's peak memory above what
+of back-to-back steps), each variant's peak memory above what
 it held before its first step (CPU: the growth of the process's peak RSS, from getrusage; GPU:
-torch.cuda.max_memory_allocated). Step times come from one process that runs one step of each variant in
+torch.cuda.max_memory_allocated) and its process's whole peak (CPU: peak RSS; GPU: max_memory_allocated),
+and the bytes per identity of the head's table and momentum. Step times come from one process that runs one step of each variant in
 turn (the variants share the class-center table there, to fit in memory), so that other jobs on a shared
 machine slow every variant alike; peak memory comes from a separate short run of each variant alone,
 whose own median ("alone") is printed too. In the shared process the dense baseline trains the head's
@@ -121,7 +130,10 @@ def _build(torch, variant, args, device, shared=None):
         # Only the head's public API here, so that --baseline-tree can run this variant on another checkout.
         from partialfc.head import PartialFC, SparseSGD
 
-        pfc = PartialFC(dim, classes, sample_rate=rate, margin=MARGIN, use_ext=variant != "reference").to(device)
+        # center_dtype only when asked for, so that a --baseline-tree head without the option still runs.
+        extra = {} if args.center_dtype == "float32" else dict(center_dtype=args.center_dtype)
+        pfc = PartialFC(dim, classes, sample_rate=rate, margin=MARGIN, use_ext=variant != "reference",
+                        **extra).to(device)
         if variant != "reference" and "Reference" in type(getattr(pfc, "ops", None)).__name__:
             raise SystemExit(f"partialfc._C is not usable on {device}; build it first")
         if variant in MECHANISMS:
@@ -140,6 +152,7 @@ def _build(torch, variant, args, device, shared=None):
             opt.state[pfc.weight]["momentum_buffer"] = shared["momentum"]
         shared.setdefault("weight", pfc.weight)
         shared.setdefault("momentum", opt.momentum_buffer())  # allocated up front, like the dense table
+        shared.setdefault("ops", pfc.ops)  # the step's buffers, which the GEMM floor borrows (low precision)
 
         def step(x, y):
             with _autocast(torch, device, args.dtype):
@@ -154,16 +167,32 @@ def _build(torch, variant, args, device, shared=None):
             opt.zero_grad()
         return step
     if variant == "dense":
-        return _dense_v2_step_factory(torch, classes, dim, rate, device, shared.get("weight"), args.dtype)
+        # arcface_torch trains a float32 table: with a low-precision head it keeps its own.
+        table = shared.get("weight") if args.center_dtype == "float32" else None
+        if table is not None and table.dtype != torch.float32:
+            table = None
+        return _dense_v2_step_factory(torch, classes, dim, rate, device, table, args.dtype)
     from partialfc.ops import op_table
 
-    table = op_table(device)
     num_sample = int(rate * classes)
     # In the compute dtype, as the head's GEMMs run under autocast.
     compute = getattr(torch, args.dtype)
-    centers = torch.nn.functional.normalize(torch.randn(num_sample, dim, device=device)).to(compute)
+    low_precision = args.center_dtype != "float32"
+    # A low-precision head writes the centers' gradient over the gathered centers: the floor does the same, in
+    # the head's own buffers when it shares the process with the head (they could not both fit at 8M classes).
+    # Alone (the memory run) it keeps its own buffers: repeated products over one buffer would overflow, while in
+    # the shared process the head's step gathers the rows afresh between two floor steps.
+    borrow = low_precision and shared.get("ops") is not None
+    table = shared["ops"] if borrow else op_table(device)
+    if borrow:
+        centers = table.empty("centers", (num_sample, dim), compute)
+    else:
+        centers = torch.empty(num_sample, dim, device=device, dtype=compute)
+    for start in range(0, num_sample, 1 << 16):  # in chunks: no [S, D] temporaries next to an 8M-class table
+        rows = centers[start:start + (1 << 16)]
+        rows.copy_(torch.nn.functional.normalize(torch.randn(rows.shape, device=device)))
     grad_x = torch.empty(batch, dim, device=device, dtype=compute)
-    grad_centers = torch.empty(num_sample, dim, device=device, dtype=compute)
+    grad_centers = centers if borrow else torch.empty(num_sample, dim, device=device, dtype=compute)
     # [B, S] in the fused path's layout (on CPU the transpose of an [S, B] buffer), the products computed the
     # way the head computes them
     logits = table.empty_logits("logits", batch, num_sample, compute)
@@ -221,9 +250,9 @@ def _worker(args):
         seconds = _timed(step, batches[i % len(batches)], sync)
         if i >= args.warmup:
             times.append(seconds)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()) - base
+    whole = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
     print(json.dumps(dict(variant=args.variant, classes=args.classes, alone_median_s=statistics.median(times),
-                          peak_extra_bytes=max(peak, 0), threads=torch.get_num_threads())))
+                          peak_extra_bytes=max(whole - base, 0), peak_bytes=whole, threads=torch.get_num_threads())))
 
 
 def _interleaved(args):
@@ -231,7 +260,8 @@ def _interleaved(args):
     machine then slow every variant alike, and the ratios stay meaningful."""
     torch, device, batches, sync = _setup(args)
     shared = {}
-    steps = {v: _build(torch, v, args, device, shared) for v in args.variants}
+    # The floor last: with a low-precision head it borrows the head's step buffers.
+    steps = {v: _build(torch, v, args, device, shared) for v in sorted(args.variants, key=lambda v: v == "gemm")}
     # One step of each in this order: fused runs right after the GEMM floor and right before the dense
     # baseline, so that each ratio pairs steps taken seconds apart (see _paired).
     order = sorted(steps, key=lambda v: ("gemm", "fused", "dense", "reference", *MECHANISMS).index(v))
@@ -242,7 +272,9 @@ def _interleaved(args):
             seconds = _timed(step, batches[i % len(batches)], sync)
             if i >= args.warmup:
                 times[v].append(seconds)
-    print(json.dumps(dict(median={v: statistics.median(t) for v, t in times.items()}, times=times)))
+    whole = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
+    print(json.dumps(dict(median={v: statistics.median(t) for v, t in times.items()}, times=times,
+                          peak_bytes=whole)))
 
 
 def _paired(times, num, den):
@@ -256,7 +288,7 @@ def _subprocess(args, mode, classes, steps, variants=None, tree=ROOT):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--classes", str(classes),
            "--device", args.device, "--batch", str(args.batch), "--dim", str(args.dim), "--rate", str(args.rate),
            "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--dtype", args.dtype,
-           "--variants", *(variants or args.variants)]
+           "--center-dtype", args.center_dtype, "--variants", *(variants or args.variants)]
     env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # Same environment for every variant. On a machine shared with other jobs, OpenMP threads that spin at
     # barriers steal the core from a descheduled peer; passive waiting avoids that (an explicit
@@ -294,6 +326,8 @@ def main(argv=None):
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="autocast dtype of the embeddings and the head's compute (float16: CUDA only)")
+    parser.add_argument("--center-dtype", default="float32", choices=DTYPES,
+                        help="storage of the head's class centers and momentum (PartialFC center_dtype)")
     parser.add_argument("--steps", type=int, default=7, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=3, help="steps of each variant's memory run")
@@ -324,6 +358,9 @@ def main(argv=None):
     print(f"head step: D={args.dim} B={args.batch} r={args.rate} device={args.device} dtype={args.dtype} "
           f"(median of {args.steps} steps after {args.warmup} warm-up steps; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, huge pages {'on' if args.thp else 'off'})")
+    element = {"float32": 4, "bfloat16": 2, "float16": 2}[args.center_dtype]
+    print(f"class centers {args.center_dtype}: {2 * element * args.dim} bytes per identity (table {element * args.dim} "
+          f"+ SGD momentum {element * args.dim})")
     results = []
     for classes in classes_list:
         # Timing: all variants in one process, one step of each in turn (see _interleaved).
@@ -338,10 +375,12 @@ def main(argv=None):
             row[v]["times_s"] = times[v]
         results.extend(row.values())
         print(f"\n{classes:,} classes (S = {int(args.rate * classes):,} sampled)")
-        print(f"  {'variant':<16} {'median ms':>10} {'alone ms':>9} {'peak extra MiB':>15}")
+        print(f"  {'variant':<16} {'median ms':>10} {'alone ms':>9} {'peak extra MiB':>15} {'peak MiB':>9}")
         for v, r in row.items():
             print(f"  {v:<16} {r['median_s'] * 1e3:>10.1f} {r['alone_median_s'] * 1e3:>9.1f} "
-                  f"{r['peak_extra_bytes'] / 2 ** 20:>15.0f}")
+                  f"{r['peak_extra_bytes'] / 2 ** 20:>15.0f} {r['peak_bytes'] / 2 ** 20:>9.0f}")
+        print(f"  (peak: the whole process, {'max_memory_allocated' if gpu else 'peak RSS'}; the timing process "
+              f"with all variants: {interleaved['peak_bytes'] / 2 ** 20:.0f} MiB)")
         # Ratio of the medians, and the median of the per-step ratios of back-to-back steps (paired).
         pairs = [("dense", "fused"), ("reference", "fused"), ("fused", "gemm")] + [(m, "fused") for m in MECHANISMS]
         for num, den in pairs:
@@ -352,8 +391,8 @@ def main(argv=None):
             _compare_trees(args, classes)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=args.device, dtype=args.dtype, batch=args.batch, dim=args.dim, rate=args.rate,
-                           results=results), f, indent=1)
+            json.dump(dict(device=args.device, dtype=args.dtype, center_dtype=args.center_dtype, batch=args.batch,
+                           dim=args.dim, rate=args.rate, results=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -142,8 +142,11 @@ def margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold=0
     in rows whose target lives on another rank (``labels == -1``).
 
     bfloat16 / float16 logits are transformed in float32 and stored rounded once; the statistics are float32
-    (float64 for float64 logits) and those of the stored values. NaN rule: a NaN in a row makes its row max,
-    sum-exp (and so its loss) NaN; a cosine of +-inf is clamped to +-1 like any other.
+    (float64 for float64 logits) and those of the stored values, except the target's: its logit enters the
+    statistics (and ``target_logit``) unrounded, because at s = 64 a bfloat16 logit is off by up to 0.125,
+    which would move every probability of the row by up to 13%; the backward recomputes it from
+    ``target_cos``. NaN rule: a NaN in a row makes its row max, sum-exp (and so its loss) NaN; a cosine of
+    +-inf is clamped to +-1 like any other.
     """
     acc = accumulation_dtype(logits.dtype)
     cosines = logits.to(acc).clamp_(-1.0, 1.0)  # logits itself when they hold the accumulation dtype
@@ -160,11 +163,12 @@ def margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold=0
     value, _ = _margin_and_derivative(target_cos[rows], m1, m2, m3)
     cosines[rows, cols] = value
     cosines.mul_(s)
+    target_logit = torch.zeros_like(target_cos)
+    target_logit[rows] = cosines[rows, cols]  # unrounded (the stored value itself in float32 / float64)
     if cosines is not logits:
         logits.copy_(cosines)
     values = logits.to(acc)  # the stored logits
-    target_logit = torch.zeros_like(target_cos)
-    target_logit[rows] = values[rows, cols]
+    values[rows, cols] = target_logit[rows]
     if logits.shape[1] == 0:
         row_max = torch.full_like(target_cos, -math.inf)
         sum_exp = torch.zeros_like(target_cos)
@@ -189,9 +193,10 @@ def margin_softmax_backward_ref(logits, labels, global_max, global_sum_exp, targ
     if filter_threshold > 0 and rows.numel():
         dropped = grad[rows] == 0
         dropped[torch.arange(rows.numel(), device=logits.device), cols] = False
+    value, deriv = _margin_and_derivative(target_cos[rows], m1, m2, m3)
+    grad[rows, cols] = value * s  # the target's logit unrounded, as the forward's statistics have it
     grad.sub_(global_max[:, None]).exp_().div_(global_sum_exp[:, None])
     grad[rows, cols] -= 1.0
-    _, deriv = _margin_and_derivative(target_cos[rows], m1, m2, m3)
     grad[rows, cols] *= deriv
     if filter_threshold > 0 and rows.numel():
         grad[rows] = grad[rows].masked_fill(dropped, 0.0)
@@ -268,12 +273,13 @@ def margin_softmax_forward_adaptive_ref(logits, labels, s, m1, m2, m3, filter_th
                                                _per_sample(m3, sample_m3, rows, cosines), clip_eps)
     cosines[rows, cols] = value
     cosines.mul_(s)
+    target_logit = torch.zeros_like(target_cos)
+    target_logit[rows] = cosines[rows, cols]  # unrounded, as in margin_softmax_forward_ref
     if cosines is not logits:
         logits.copy_(cosines)
     stored = logits.to(acc)
-    target_logit = torch.zeros_like(target_cos)
-    target_logit[rows] = stored[rows, cols]
     _, values = _hard_negatives(stored, labels, s, hard_threshold, hard_t, logits.dtype)
+    values[rows, cols] = target_logit[rows]
     if logits.shape[1] == 0:
         row_max = torch.full_like(target_cos, -math.inf)
         sum_exp = torch.zeros_like(target_cos)
@@ -307,9 +313,10 @@ def margin_softmax_backward_adaptive_ref(logits, labels, global_max, global_sum_
     grad = torch.exp(values - global_max[:, None]) / global_sum_exp[:, None]
     if slope is not None:
         grad = grad * slope
-    target_p = torch.exp(stored[rows, cols] - global_max[rows]) / global_sum_exp[rows]
-    _, deriv = _adaptive_margin_and_derivative(target_cos[rows], m1, _per_sample(m2, sample_m2, rows, stored),
-                                               _per_sample(m3, sample_m3, rows, stored), clip_eps)
+    value, deriv = _adaptive_margin_and_derivative(target_cos[rows], m1, _per_sample(m2, sample_m2, rows, stored),
+                                                   _per_sample(m3, sample_m3, rows, stored), clip_eps)
+    # the target's logit unrounded, as the forward's statistics have it
+    target_p = torch.exp(value * s - global_max[rows]) / global_sum_exp[rows]
     grad[rows, cols] = (target_p - 1.0) * deriv
     logits.copy_(grad.masked_fill(no_grad, 0.0).mul_(s * grad_scale))
     return logits

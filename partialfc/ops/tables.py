@@ -79,6 +79,14 @@ class OpTable:
     def empty_table(self, shape, dtype):
         return torch.empty(shape, dtype=dtype, device=self.device)
 
+    @property
+    def margin_in_compute_dtype(self):
+        """Whether the head's margin softmax runs in place on bfloat16 / float16 logits as the GEMM wrote them
+        (float32 statistics, the gradient written back in that dtype), rather than on a float32 copy. On CUDA
+        it does: the copy and the copy back are two full passes over the step's largest tensor. On CPU the
+        float32 copy is kept: there the float32 kernels are vectorized and the half-precision ones are not."""
+        return self.device.type == "cuda"
+
     @staticmethod
     def mm_into(a, b, out):
         """``out = a @ b``; ``out`` may be the transpose of a contiguous buffer, which the GEMM then fills as

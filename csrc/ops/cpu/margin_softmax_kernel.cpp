@@ -268,22 +268,26 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
       const bool filter_row = filter && t >= 0;
       if constexpr (half_precision<scalar_t>()) {
         // One sweep in float32: clamp, filter, margin, scale, store rounded; the statistics are those of the
-        // stored values, which the backward reads.
-        const scalar_t target = static_cast<scalar_t>(t >= 0 ? margin_value(tc, m1, m2, m3, plain) * s : acc_t(0));
+        // stored values, which the backward reads, except the target's logit, taken unrounded (see
+        // backward_target_logit).
+        const acc_t target_value = t >= 0 ? margin_value(tc, m1, m2, m3, plain) * s : acc_t(0);
+        const scalar_t target = static_cast<scalar_t>(target_value);
         acc_t mx = -std::numeric_limits<acc_t>::infinity(), sum = 0;
         for (int64_t j = 0; j < cols; ++j) {
-          scalar_t stored = target;
-          if (j != t) {
-            acc_t v = clamp_cos(static_cast<acc_t>(row[j * cs]));
-            if (filter_row && v > thr) v = 0;  // inter-class filtering
-            stored = static_cast<scalar_t>(v * s);
+          if (j == t) {
+            row[j * cs] = target;
+            online_add(mx, sum, target_value);
+            continue;
           }
+          acc_t v = clamp_cos(static_cast<acc_t>(row[j * cs]));
+          if (filter_row && v > thr) v = 0;  // inter-class filtering
+          const scalar_t stored = static_cast<scalar_t>(v * s);
           row[j * cs] = stored;
           online_add(mx, sum, static_cast<acc_t>(stored));
         }
         out_max[r] = mx;
         out_sum[r] = sum;
-        out_tl[r] = t >= 0 ? static_cast<acc_t>(target) : acc_t(0);
+        out_tl[r] = target_value;
         out_tc[r] = tc;
         continue;
       }
@@ -353,19 +357,32 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
 template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t m1, m2, scale;
+  acc_t s, m1, m2, m3, scale;
   bool plain, filter;
   const acc_t *gm, *gs, *tc;  // global max, global sum-exp and target cosine per sample
   BackwardArgs(const at::Tensor& gmax, const at::Tensor& gsum, const at::Tensor& tcos, const MarginParams& mp,
                double grad_scale)
-      : m1(static_cast<acc_t>(mp.m1)),
+      : s(static_cast<acc_t>(mp.s)),
+        m1(static_cast<acc_t>(mp.m1)),
         m2(static_cast<acc_t>(mp.m2)),
+        m3(static_cast<acc_t>(mp.m3)),
         scale(static_cast<acc_t>(mp.s * grad_scale)),
         plain(mp.plain()),
         filter(mp.filter_threshold > 0),
         gm(gmax.const_data_ptr<acc_t>()),
         gs(gsum.const_data_ptr<acc_t>()),
         tc(tcos.const_data_ptr<acc_t>()) {}
+  // The logit the forward's statistics gave sample b's target, whose stored value is `stored`: that value
+  // for float32 / float64 logits; for half-precision logits the unrounded float32 one, recomputed from the
+  // target cosine, because at s = 64 a bfloat16 logit is off by up to 0.125, which would move every
+  // probability of the row by up to 13%.
+  acc_t target_logit(int64_t b, acc_t stored) const {
+    if constexpr (half_precision<scalar_t>()) {
+      return margin_value(tc[b], m1, m2, m3, plain) * s;
+    } else {
+      return stored;
+    }
+  }
 };
 
 // ---- Class-major logits ----
@@ -522,12 +539,13 @@ void forward_block_cols_scalar(scalar_t* base, int64_t batch, int64_t j0, int64_
       if (filter && tgt[b] >= 0 && tgt[b] != j && v > thr) v = 0;
       const scalar_t stored = tgt[b] == j ? static_cast<scalar_t>(tval[b]) : static_cast<scalar_t>(v * s);
       row[b] = stored;
-      mx[b] = nan_max(mx[b], static_cast<acc_t>(stored));
+      mx[b] = nan_max(mx[b], tgt[b] == j ? tval[b] : static_cast<acc_t>(stored));
     }
   }
   for (int64_t j = j0; j < j1; ++j) {
     const scalar_t* row = base + j * batch;
-    for (int64_t b = 0; b < batch; ++b) sum[b] += std::exp(static_cast<acc_t>(row[b]) - mx[b]);
+    for (int64_t b = 0; b < batch; ++b)
+      sum[b] += std::exp((tgt[b] == j ? tval[b] : static_cast<acc_t>(row[b])) - mx[b]);
   }
 }
 
@@ -540,14 +558,15 @@ void forward_cols(at::Tensor& logits, const int64_t* labels, const MarginParams&
   const std::vector<int32_t> tgt = column_targets(labels, batch, cols, "margin_softmax_forward");
   const acc_t s = static_cast<acc_t>(mp.s), thr = static_cast<acc_t>(mp.filter_threshold);
   const bool plain = mp.plain(), filter = mp.filter_threshold > 0;
-  // The target's cosine and its stored margin logit, per sample (read before anything is rewritten).
+  // The target's cosine and its margin logit, per sample (read before anything is rewritten); the logit
+  // unrounded, as the statistics take it (for half-precision logits; the stored value otherwise).
   std::vector<acc_t> tcos(padded(batch), 0), tval(padded(batch), 0);
   for (int64_t b = 0; b < batch; ++b) {
     if (tgt[b] < 0) continue;
     tcos[b] = clamp_cos(static_cast<acc_t>(base[tgt[b] * batch + b]));
-    tval[b] = static_cast<acc_t>(static_cast<scalar_t>(
+    tval[b] =
         margin_value(tcos[b], static_cast<acc_t>(mp.m1), static_cast<acc_t>(mp.m2), static_cast<acc_t>(mp.m3), plain) *
-        s));
+        s;
   }
   const int64_t block = column_block_rows(batch, sizeof(scalar_t));
   const int64_t num_blocks = (cols + block - 1) / block, width = padded(batch);
@@ -605,7 +624,7 @@ void backward_cols(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
     inv_sum[b] = acc_t(1) / denom;
     factor[b] = inv_sum[b] * scale;
     if (tgt[b] >= 0) {
-      const acc_t target_p = std::exp(static_cast<acc_t>(base[tgt[b] * batch + b]) - shift[b]) / denom;
+      const acc_t target_p = std::exp(a.target_logit(b, static_cast<acc_t>(base[tgt[b] * batch + b])) - shift[b]) / denom;
       tgrad[b] = static_cast<acc_t>(static_cast<scalar_t>(
           (target_p - 1) * margin_derivative(static_cast<acc_t>(tc[b]), m1, m2, plain) * scale));
     }
@@ -686,7 +705,7 @@ void backward_rows(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
       const acc_t shift = static_cast<acc_t>(gm[r]), denom = static_cast<acc_t>(gs[r]);
       const bool filter_row = filter && t >= 0;
       acc_t target_p = 0;
-      if (t >= 0) target_p = std::exp(static_cast<acc_t>(row[t * cs]) - shift) / denom;
+      if (t >= 0) target_p = std::exp(a.target_logit(r, static_cast<acc_t>(row[t * cs])) - shift) / denom;
       bool done = false;
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (cs == 1 && !filter_row) {
@@ -765,9 +784,9 @@ void forward_adaptive(at::Tensor& logits, const int64_t* labels, const AdaptiveI
       for (int64_t j = 0; j < cols; ++j) {
         acc_t logit;
         if (j == t) {
-          const scalar_t stored = static_cast<scalar_t>(a.target_value(tc) * s);
-          row[j * cs] = stored;
-          logit = tl = static_cast<acc_t>(stored);
+          // unrounded, as in forward_rows (the stored value itself for float32 / float64)
+          logit = tl = a.target_value(tc) * s;
+          row[j * cs] = static_cast<scalar_t>(logit);
         } else {
           acc_t v = clamp_to(static_cast<acc_t>(row[j * cs]), a.lo, a.hi);
           if (filter_row && v > thr) v = 0;  // inter-class filtering
@@ -823,7 +842,10 @@ void backward_adaptive(at::Tensor& logits, const int64_t* labels, const at::Tens
         const acc_t l = static_cast<acc_t>(row[j * cs]);
         acc_t g;
         if (j == t) {
-          g = (std::exp(l - shift) / denom - 1) * a.target_derivative(static_cast<acc_t>(tc[r])) * scale;
+          // the target's logit as the forward's statistics took it (see BackwardArgs::target_logit)
+          acc_t lt = l;
+          if constexpr (half_precision<scalar_t>()) lt = a.target_value(static_cast<acc_t>(tc[r])) * a.s;
+          g = (std::exp(lt - shift) / denom - 1) * a.target_derivative(static_cast<acc_t>(tc[r])) * scale;
         } else if (filter_row && l == 0) {
           g = 0;  // a dropped (filtered) logit
         } else if (a.clip && (l <= stored_lo || l >= stored_hi)) {

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "../checks.h"
 #include "../margin.h"
@@ -23,6 +24,14 @@ constexpr int kLogitThreads = 256;
 
 __device__ __forceinline__ float m_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double m_exp(double x) { return ::exp(x); }
+
+// Half-precision logits (bfloat16, float16): the target's logit enters the statistics unrounded (float32)
+// and the backward recomputes it from the target cosine, because at s = 64 a bfloat16 logit is off by up to
+// 0.125, which would move every probability of the row by up to 13%. float32 / float64: the stored value.
+template <typename scalar_t>
+constexpr bool half_precision() {
+  return !std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>;
+}
 
 template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs,
@@ -40,22 +49,25 @@ __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ lab
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     acc_t v = clamp_cos(static_cast<acc_t>(row[j * cs]));
     scalar_t stored;
+    acc_t sv;
     if (j == t) {
       tc = v;
-      stored = static_cast<scalar_t>(margin_value(v, m1, m2, m3, plain) * s);
-      tl = static_cast<acc_t>(stored);
+      tl = sv = margin_value(v, m1, m2, m3, plain) * s;  // unrounded (see half_precision)
+      stored = static_cast<scalar_t>(tl);
     } else {
       if (filter_row && v > thr) v = 0;  // inter-class filtering
       stored = static_cast<scalar_t>(v * s);
+      sv = static_cast<acc_t>(stored);
     }
     row[j * cs] = stored;
-    const acc_t sv = static_cast<acc_t>(stored);
     mx = sv > mx || sv != sv ? sv : mx;
   }
   mx = cuda::block_max(mx, scratch, -std::numeric_limits<acc_t>::infinity());
-  // Each thread re-reads only the elements it wrote itself: no barrier needed before the second sweep.
+  // Each thread re-reads only the elements it wrote itself (and holds its target's logit): no barrier needed
+  // before the second sweep.
   acc_t sum = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) sum += m_exp(static_cast<acc_t>(row[j * cs]) - mx);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+    sum += m_exp((j == t ? tl : static_cast<acc_t>(row[j * cs])) - mx);
   sum = cuda::block_sum(sum, scratch);
   // The thread that owned the target column reports it.
   if (t >= 0 && threadIdx.x == t % blockDim.x) {
@@ -75,8 +87,8 @@ __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ lab
 template <typename scalar_t, typename acc_t>
 __global__ void backward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs,
                                 int64_t cs, const acc_t* __restrict__ gmax, const acc_t* __restrict__ gsum,
-                                const acc_t* __restrict__ tcos, acc_t m1, acc_t m2, acc_t scale, bool plain,
-                                bool filter) {
+                                const acc_t* __restrict__ tcos, acc_t s, acc_t m1, acc_t m2, acc_t m3,
+                                acc_t scale, bool plain, bool filter) {
   const int64_t r = blockIdx.y;
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (j >= cols) return;
@@ -84,7 +96,11 @@ __global__ void backward_kernel(scalar_t* logits, const int64_t* __restrict__ la
   // t in [-1, cols): checked on the host before the launch
   scalar_t* p = logits + r * rs + j * cs;
   const acc_t l = static_cast<acc_t>(*p);
-  const acc_t prob = m_exp(l - gmax[r]) / gsum[r];
+  acc_t lt = l;  // the target's logit as the forward's statistics took it (see half_precision)
+  if constexpr (half_precision<scalar_t>()) {
+    if (j == t) lt = margin_value(tcos[r], m1, m2, m3, plain) * s;
+  }
+  const acc_t prob = m_exp(lt - gmax[r]) / gsum[r];
   acc_t g;
   if (j == t) {
     g = (prob - acc_t(1)) * margin_derivative(tcos[r], m1, m2, plain) * scale;
@@ -117,9 +133,8 @@ __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restr
     acc_t logit;
     if (j == t) {
       tc = v;
-      const scalar_t stored = static_cast<scalar_t>(a.target_value(v) * a.s);
-      row[j * cs] = stored;
-      logit = tl = static_cast<acc_t>(stored);
+      logit = tl = a.target_value(v) * a.s;  // unrounded (see half_precision)
+      row[j * cs] = static_cast<scalar_t>(tl);
     } else {
       const scalar_t stored = static_cast<scalar_t>((filter_row && v > thr ? acc_t(0) : v) * a.s);
       row[j * cs] = stored;
@@ -132,7 +147,7 @@ __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restr
   // Each thread re-reads only the elements it wrote itself: no barrier needed before the second sweep.
   acc_t sum = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    acc_t l = static_cast<acc_t>(row[j * cs]);
+    acc_t l = j == t ? tl : static_cast<acc_t>(row[j * cs]);
     if (j != t && a.hard) l = static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(l)));
     sum += m_exp(l - mx);
   }
@@ -167,7 +182,9 @@ __global__ void adaptive_backward_kernel(scalar_t* logits, const int64_t* __rest
   const acc_t shift = gmax[r], denom = gsum[r];
   acc_t g;
   if (j == t) {
-    g = (m_exp(l - shift) / denom - acc_t(1)) * a.target_derivative(tcos[r]) * scale;
+    acc_t lt = l;  // the target's logit as the forward's statistics took it (see half_precision)
+    if constexpr (half_precision<scalar_t>()) lt = a.target_value(tcos[r]) * a.s;
+    g = (m_exp(lt - shift) / denom - acc_t(1)) * a.target_derivative(tcos[r]) * scale;
   } else if (filter && t >= 0 && l == acc_t(0)) {
     g = 0;  // a dropped (filtered) logit gets no gradient
   } else if (a.clip && (l <= static_cast<acc_t>(static_cast<scalar_t>(a.lo * a.s)) ||
@@ -241,8 +258,11 @@ struct FixedRowOp {
   int64_t t;
   __device__ acc_t cos(acc_t raw) const { return clamp_cos(raw); }
   __device__ scalar_t store(int64_t j, acc_t c, acc_t& logit) const {
-    const scalar_t stored = j == t ? static_cast<scalar_t>(margin_value(c, m1, m2, m3, plain) * s)
-                                   : static_cast<scalar_t>((filter_row && c > thr ? acc_t(0) : c) * s);
+    if (j == t) {
+      logit = margin_value(c, m1, m2, m3, plain) * s;  // unrounded (see half_precision)
+      return static_cast<scalar_t>(logit);
+    }
+    const scalar_t stored = static_cast<scalar_t>((filter_row && c > thr ? acc_t(0) : c) * s);
     logit = static_cast<acc_t>(stored);
     return stored;
   }
@@ -267,9 +287,8 @@ struct AdaptiveRowOp {
   __device__ acc_t cos(acc_t raw) const { return clamp_to(raw, a.lo, a.hi); }
   __device__ scalar_t store(int64_t j, acc_t c, acc_t& logit) const {
     if (j == t) {
-      const scalar_t stored = static_cast<scalar_t>(a.target_value(c) * a.s);
-      logit = static_cast<acc_t>(stored);
-      return stored;
+      logit = a.target_value(c) * a.s;  // unrounded (see half_precision)
+      return static_cast<scalar_t>(logit);
     }
     const scalar_t stored = static_cast<scalar_t>((filter_row && c > thr ? acc_t(0) : c) * a.s);
     logit = static_cast<acc_t>(stored);
@@ -487,9 +506,9 @@ void margin_softmax_backward_cuda(at::Tensor& logits, const at::Tensor& labels, 
     using acc_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t, acc_t><<<grid, kLogitThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1),
-        gm.const_data_ptr<acc_t>(), gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(),
-        static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(s * grad_scale), mp.plain(),
-        filter_threshold > 0);
+        gm.const_data_ptr<acc_t>(), gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), static_cast<acc_t>(s),
+        static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(m3), static_cast<acc_t>(s * grad_scale),
+        mp.plain(), filter_threshold > 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -16,21 +16,34 @@ re-split for this run with ``partition_classes``:
   no class range: rank r holds the r-th contiguous range of arcface_torch's split, which is ours
   (``partition_classes``), so the ranges follow from the shards' row counts in rank order.
 
+Sub-center ArcFace (``num_subcenters`` K): our files record K (``num_subcenters``, 1 when absent; arcface_torch's
+are always 1) and hold ``[num_local * K, D]`` rows, identity c's K rows together at ``c*K .. c*K+K-1``. The
+shards are merged and re-split by identity, never splitting one's K rows (``engine.reshard.take_rows``). Files
+with this run's K are taken as they are. Files with one center per identity start a run with K > 1 too: each
+identity's first sub-center is its center, the other K - 1 are that center turned by a small random angle
+(``SUBCENTER_NOISE``), so that the max over the K picks different sub-centers for different samples from the
+first step (identical copies would tie, and a tie goes to the first row, so the others would never train).
+The noise depends on ``seed`` and the identity only, so every world size starts from the same table. Files with
+K > 1 and another K in this run are an error naming the file and both K: there is no one right way to turn
+K sub-centers into K'.
+
 Only the weights are taken: optimizer state (momentum, AdamW moments) starts fresh, and so do the step, the
-schedule and the data position. Every mismatch (network, embedding size, class count, a missing rank file, a
-gap or an overlap between class ranges) is an :class:`InitWeightsError` naming the file and both values.
+schedule and the data position. Every mismatch (network, embedding size, class count, sub-centers per identity,
+a missing rank file, a gap or an overlap between class ranges) is an :class:`InitWeightsError` naming the file
+and both values.
 """
 import os
 import re
 
+import numpy as np
 import torch
 
 from ..eval.model_io import CheckpointError, load_backbone_state_dict, state_mismatch
 from ..head.partial_fc import partition_classes
-from .reshard import ReshardError, check_tiling, take_rows
+from .reshard import ReshardError, check_tiling, subcenters, take_rows
 
-__all__ = ["InitWeightsError", "check_backbone_state", "load_backbone_weights", "load_center_shard",
-           "read_center_shards", "resolve_backbone_file"]
+__all__ = ["InitWeightsError", "SUBCENTER_NOISE", "check_backbone_state", "expand_to_subcenters",
+           "load_backbone_weights", "load_center_shard", "read_center_shards", "resolve_backbone_file"]
 
 
 class InitWeightsError(CheckpointError):
@@ -179,10 +192,12 @@ def _load_shard(path):
 
 
 def read_center_shards(path):
-    """Every shard of the set ``path`` names, checked: ``[dict(path, start, stop, state=dict(weight))]`` in
-    class order (as ``engine.reshard`` has them), with ``(num_classes, embedding_size)``. A missing rank file, a gap or an overlap between class
-    ranges, a class count that disagrees with the files, or shards of different widths raise
-    :class:`InitWeightsError` naming the file and both values."""
+    """Every shard of the set ``path`` names, checked: ``[dict(path, start, stop, k, state=dict(weight))]`` in
+    class order (as ``engine.reshard`` has them: ``[start, stop)`` are identities, ``weight`` their
+    ``(stop - start) * k`` rows, ``reshard.subcenters(shard)`` is k), with ``(num_classes, embedding_size)``. A
+    missing rank file, a gap or an overlap between class ranges, a class count that disagrees with the files,
+    shards of different widths or of different sub-center counts raise :class:`InitWeightsError` naming the
+    file and both values."""
     folder, template, carries_ranges, files = _shard_files(path)
     loaded = {rank: _load_shard(f) for rank, f in sorted(files.items())}
     declared = {r: obj.get("world_size") for r, (obj, _) in loaded.items() if obj.get("world_size") is not None}
@@ -202,7 +217,19 @@ def read_center_shards(path):
     if len(set(dims.values())) > 1:
         r = next(r for r in dims if dims[r] != dims[0])
         raise InitWeightsError(f"init_centers {files[r]}: embedding size {dims[r]}, but {dims[0]} in {files[0]}")
-    starts = {}
+    starts, identities, ks = {}, {}, {}
+    for rank, (obj, weight) in loaded.items():
+        # Rows per identity: ours say (sub-center ArcFace; 1 when absent), arcface_torch's have one.
+        ks[rank] = int(obj.get("num_subcenters", 1)) if carries_ranges else 1
+        rows = int(weight.shape[0])
+        if ks[rank] < 1 or rows % ks[rank]:
+            raise InitWeightsError(f"init_centers {files[rank]}: weight holds {rows} rows, not a multiple of its "
+                                   f"num_subcenters {ks[rank]}")
+        identities[rank] = rows // ks[rank]
+        if obj.get("num_local") is not None and int(obj["num_local"]) != identities[rank]:
+            raise InitWeightsError(f"init_centers {files[rank]}: num_local {int(obj['num_local'])} in the file, but "
+                                   f"its weight holds {rows} rows ({identities[rank]} identities x num_subcenters "
+                                   f"{ks[rank]})")
     if carries_ranges:
         for rank, (obj, _) in loaded.items():
             if obj.get("class_start") is None:
@@ -210,11 +237,12 @@ def read_center_shards(path):
             starts[rank] = int(obj["class_start"])
     else:  # arcface_torch's shards: contiguous ranges in rank order, as partition_classes splits them
         start = 0
-        for rank, (_, weight) in loaded.items():
-            starts[rank], start = start, start + int(weight.shape[0])
-    # The same tiling rule as a resume on another world size (engine/reshard).
+        for rank in loaded:
+            starts[rank], start = start, start + identities[rank]
+    # The same tiling rule as a resume on another world size (engine/reshard), by identity; shards of different
+    # K are named there.
     try:
-        shards = check_tiling([dict(path=files[r], start=starts[r], stop=starts[r] + int(w.shape[0]),
+        shards = check_tiling([dict(path=files[r], start=starts[r], stop=starts[r] + identities[r], k=ks[r],
                                     state=dict(weight=w)) for r, (_, w) in loaded.items()])
     except ReshardError as exc:
         raise InitWeightsError(f"init_centers: {exc}") from None
@@ -226,10 +254,45 @@ def read_center_shards(path):
     return shards, total, dims[0]
 
 
-def load_center_shard(path, num_classes, embedding_size, rank, world_size):
-    """This rank's ``[num_local, D]`` float32 centers out of the shard set ``path`` names, re-split from the
-    files' world size to ``world_size`` with ``partition_classes``; the class count and the embedding size
-    must be this run's."""
+# Each extra sub-center made from a single center is the center plus Gaussian noise of this standard deviation
+# times the center's norm / sqrt(D): a turn of about 0.01 rad (0.6 degrees), far below the angles between a
+# trained center and its samples, so the identity's cosine barely moves, yet enough that the K cosines differ.
+SUBCENTER_NOISE = 0.01
+# The noise is drawn per block of this many identities, from a generator seeded by (seed, block): a rank draws
+# only the blocks its identities fall in, and every split of the classes draws the same numbers.
+_NOISE_BLOCK = 4096
+
+
+def expand_to_subcenters(centers, class_start, num_subcenters, seed=0):
+    """``[N * K, D]`` rows for the identities ``[class_start, class_start + N)`` whose single centers are
+    ``centers`` [N, D]: identity c's first row is its center, the other ``K - 1`` its center plus
+    ``SUBCENTER_NOISE * norm / sqrt(D)`` times standard Gaussian noise that depends only on ``seed`` and the
+    global identity c."""
+    num, dim = centers.shape
+    k = int(num_subcenters)
+    if k == 1:
+        return centers
+    out = centers.to(torch.float32).repeat_interleave(k, dim=0).view(num, k, dim)  # [N, K, D]
+    if num == 0:
+        return out.view(0, dim)
+    scale = SUBCENTER_NOISE * out[:, 0].norm(dim=1, keepdim=True) / dim ** 0.5  # [N, 1]
+    stop = class_start + num
+    for block in range(class_start // _NOISE_BLOCK, (stop - 1) // _NOISE_BLOCK + 1):
+        words = np.random.SeedSequence([int(seed), block, k, dim]).generate_state(2, np.uint32)
+        gen = torch.Generator().manual_seed((int(words[0]) << 32 | int(words[1])) & ((1 << 63) - 1))
+        noise = torch.randn(_NOISE_BLOCK, k - 1, dim, generator=gen)  # [block, K - 1, D]
+        lo, hi = max(class_start, block * _NOISE_BLOCK), min(stop, (block + 1) * _NOISE_BLOCK)
+        mine = slice(lo - class_start, hi - class_start)
+        out[mine, 1:] += scale[mine, None] * noise[lo - block * _NOISE_BLOCK:hi - block * _NOISE_BLOCK]
+    return out.view(num * k, dim)
+
+
+def load_center_shard(path, num_classes, embedding_size, rank, world_size, num_subcenters=1, seed=0):
+    """This rank's ``[num_local * num_subcenters, D]`` float32 centers out of the shard set ``path`` names,
+    re-split by identity from the files' world size to ``world_size`` with ``partition_classes``; the class
+    count and the embedding size must be this run's. Files with ``num_subcenters`` rows per identity are taken
+    as they are; files with one center per identity are expanded with :func:`expand_to_subcenters` (``seed``:
+    the run's); any other sub-center count is an :class:`InitWeightsError` naming a file and both counts."""
     shards, total, dim = read_center_shards(path)
     where = os.fspath(path)
     if total != num_classes:
@@ -238,5 +301,13 @@ def load_center_shard(path, num_classes, embedding_size, rank, world_size):
     if dim != embedding_size:
         raise InitWeightsError(f"init_centers {where}: embedding size {dim} in the files, {embedding_size} in "
                                f"this run (embedding_size)")
+    saved = subcenters(shards[0])
+    if saved != num_subcenters and saved != 1:
+        raise InitWeightsError(f"init_centers {shards[0]['path']}: {saved} sub-centers per identity in the files, "
+                               f"{num_subcenters} in this run (num_subcenters); only files with one center per "
+                               f"identity or with this run's count can start it")
     class_start, num_local = partition_classes(num_classes, rank, world_size)
-    return take_rows(shards, class_start, num_local)[0].to(torch.float32)
+    weight = take_rows(shards, class_start, num_local)[0].to(torch.float32)
+    if saved == num_subcenters:
+        return weight
+    return expand_to_subcenters(weight, class_start, num_subcenters, seed)

@@ -276,7 +276,7 @@ class Trainer:
             self.log(f"init_backbone: {config.network} weights from {path}")
         if config.get("init_centers"):
             shard = load_center_shard(config.init_centers, num_classes, config.embedding_size, self.comm.rank,
-                                      self.comm.size)
+                                      self.comm.size, num_subcenters=config.num_subcenters, seed=config.seed)
             with torch.no_grad():
                 self.pfc.weight.copy_(shard)
             self.log(f"init_centers: {num_classes} class centers from {config.init_centers}, split over "

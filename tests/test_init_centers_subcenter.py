@@ -135,3 +135,23 @@ def test_one_center_per_identity_starts_k_subcenters_near_it_the_same_on_every_w
     assert torch.equal(other_seed[:, 0], centers) and not torch.equal(other_seed, whole)
     # K = 1 files into a K = 1 run are taken as they are.
     assert torch.equal(_whole(folder, classes, 3, 1), centers)
+
+
+def test_a_k3_run_starts_from_another_k3_runs_centers_in_the_trainer(tmp_path):
+    # The trainer passes its num_subcenters (and seed) to the loader: a K = 3 run with init_centers holds the
+    # source run's table bit for bit; a K = 1 source starts K sub-centers with row 0 the center itself.
+    from partialfc.train import Trainer
+
+    source_cfg = _tiny_config(tmp_path / "source", save_every=2, max_steps=2, num_subcenters=K)
+    source, _ = _train(source_cfg)
+    table = source.pfc.weight.detach().clone()
+    trainer = Trainer(_tiny_config(tmp_path / "tuned", max_steps=2, num_subcenters=K, init_centers=source_cfg.output))
+    trainer.close()
+    assert torch.equal(trainer.pfc.weight.detach(), table)
+    plain_cfg = _tiny_config(tmp_path / "plain", save_every=2, max_steps=2)
+    plain, _ = _train(plain_cfg)
+    trainer = Trainer(_tiny_config(tmp_path / "from_plain", max_steps=2, num_subcenters=K,
+                                   init_centers=plain_cfg.output))
+    trainer.close()
+    assert torch.equal(trainer.pfc.weight.detach().view(-1, K, trainer.pfc.weight.shape[1])[:, 0],
+                       plain.pfc.weight.detach())

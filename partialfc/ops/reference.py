@@ -154,12 +154,12 @@ def margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold=0
     cols = labels[rows]
     target_cos = torch.zeros(labels.shape[0], dtype=acc, device=logits.device)
     target_cos[rows] = cosines[rows, cols]
-    if filter_threshold > 0 and rows.numel():
-        # Non-target classes too close to the sample are probably mislabeled duplicates: drop their logit.
-        sub = cosines[rows]
-        too_close = sub > filter_threshold
-        too_close[torch.arange(rows.numel(), device=logits.device), cols] = False
-        cosines[rows] = sub.masked_fill(too_close, 0.0)
+    if filter_threshold > 0:
+        # Non-target classes too close to the sample are probably mislabeled duplicates: drop their logit, in
+        # every row (a sample whose target lives on another rank is filtered here as it is there).
+        too_close = cosines > filter_threshold
+        too_close[rows, cols] = False
+        cosines.masked_fill_(too_close, 0.0)
     value, _ = _margin_and_derivative(target_cos[rows], m1, m2, m3)
     cosines[rows, cols] = value
     cosines.mul_(s)
@@ -190,16 +190,16 @@ def margin_softmax_backward_ref(logits, labels, global_max, global_sum_exp, targ
     grad = logits.to(accumulation_dtype(logits.dtype))  # logits itself when they hold the accumulation dtype
     rows = torch.nonzero(labels >= 0).squeeze(1)
     cols = labels[rows]
-    if filter_threshold > 0 and rows.numel():
-        dropped = grad[rows] == 0
-        dropped[torch.arange(rows.numel(), device=logits.device), cols] = False
+    if filter_threshold > 0:
+        dropped = grad == 0
+        dropped[rows, cols] = False
     value, deriv = _margin_and_derivative(target_cos[rows], m1, m2, m3)
     grad[rows, cols] = value * s  # the target's logit unrounded, as the forward's statistics have it
     grad.sub_(global_max[:, None]).exp_().div_(global_sum_exp[:, None])
     grad[rows, cols] -= 1.0
     grad[rows, cols] *= deriv
-    if filter_threshold > 0 and rows.numel():
-        grad[rows] = grad[rows].masked_fill(dropped, 0.0)
+    if filter_threshold > 0:
+        grad.masked_fill_(dropped, 0.0)
     grad.mul_(s * grad_scale)
     if grad is not logits:
         logits.copy_(grad)
@@ -264,11 +264,10 @@ def margin_softmax_forward_adaptive_ref(logits, labels, s, m1, m2, m3, filter_th
     cols = labels[rows]
     target_cos = torch.zeros(labels.shape[0], dtype=acc, device=logits.device)
     target_cos[rows] = cosines[rows, cols]
-    if filter_threshold > 0 and rows.numel():
-        sub = cosines[rows]
-        too_close = sub > filter_threshold
-        too_close[torch.arange(rows.numel(), device=logits.device), cols] = False
-        cosines[rows] = sub.masked_fill(too_close, 0.0)
+    if filter_threshold > 0:  # every row, as in margin_softmax_forward_ref
+        too_close = cosines > filter_threshold
+        too_close[rows, cols] = False
+        cosines.masked_fill_(too_close, 0.0)
     value, _ = _adaptive_margin_and_derivative(target_cos[rows], m1, _per_sample(m2, sample_m2, rows, cosines),
                                                _per_sample(m3, sample_m3, rows, cosines), clip_eps)
     cosines[rows, cols] = value
@@ -300,8 +299,8 @@ def margin_softmax_backward_adaptive_ref(logits, labels, global_max, global_sum_
     rows = torch.nonzero(labels >= 0).squeeze(1)
     cols = labels[rows]
     no_grad = torch.zeros_like(logits, dtype=torch.bool)
-    if filter_threshold > 0 and rows.numel():
-        no_grad[rows] = stored[rows] == 0
+    if filter_threshold > 0:
+        no_grad |= stored == 0
     if clip_eps > 0:
         # the clamp's bounds as the forward stored them: bound * s (in the accumulation dtype), rounded
         lo, hi = ((torch.tensor(b, dtype=acc, device=logits.device) * s).to(logits.dtype).to(acc)

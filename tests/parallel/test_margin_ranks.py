@@ -106,16 +106,9 @@ def test_world_sizes_match_dense_and_each_other(single, launcher, np, tmp_path_f
 
 
 # Interclass filtering drops a non-target cosine above the threshold in every row of the global batch (as one
-# process over all classes does, and arcface_torch's CombinedMarginLoss), but the margin ops drop it only in
-# rows whose target class is on the same rank: under several ranks, a row whose class another rank holds keeps
-# its too-close logits there, so the loss and the gradients depend on the world size.
-FILTERING_ACROSS_RANKS = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="margin_softmax_forward/_backward (reference, CPU and CUDA kernels) filter only the rows "
-                        "whose target is on this rank")
-
-
-@pytest.mark.parametrize("launcher,np", [pytest.param(l, n, marks=[FILTERING_ACROSS_RANKS] if n > 1 else [])
-                                         for l, n in WORLDS], ids=[f"{l}-np{n}" for l, n in WORLDS])
+# process over all classes does, and arcface_torch's CombinedMarginLoss): on several ranks also in the rows whose
+# target class another rank holds, or the loss and the gradients would depend on the world size.
+@pytest.mark.parametrize("launcher,np", WORLDS, ids=[f"{l}-np{n}" for l, n in WORLDS])
 def test_interclass_filtering_with_subcenters_matches_dense_on_every_world_size(single, launcher, np,
                                                                                tmp_path_factory):
     check_case(results_of(launcher, np, tmp_path_factory), single, FILTERED)

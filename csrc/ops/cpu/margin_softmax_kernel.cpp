@@ -265,7 +265,7 @@ void forward_rows(at::Tensor& logits, const int64_t* labels, const MarginParams&
       TORCH_CHECK(t >= -1 && t < cols, "margin_softmax_forward: labels[", r, "] = ", t, " is outside [-1, ", cols, ")");
       acc_t tc = 0;
       if (t >= 0) tc = clamp_cos(static_cast<acc_t>(row[t * cs]));
-      const bool filter_row = filter && t >= 0;
+      const bool filter_row = filter;  // every row: also those whose target lives on another rank
       if constexpr (half_precision<scalar_t>()) {
         // One sweep in float32: clamp, filter, margin, scale, store rounded; the statistics are those of the
         // stored values, which the backward reads, except the target's logit, taken unrounded (see
@@ -442,8 +442,9 @@ PARTIALFC_INLINE void forward_block_cols_impl(float* base, int64_t batch, int64_
       const VI t = load_ivec<VI>(tgt + k);
       v = v < lo ? lo : v;
       v = v > hi ? hi : v;
-      // Inter-class filtering: a non-target class too close to a sample whose target is here gets logit 0.
-      if (filter) v = ((t >= 0) & (v > thr) & (t != jv)) ? zero : v;
+      // Inter-class filtering: a non-target class too close to the sample gets logit 0 (in every row: a sample
+      // whose target lives on another rank is filtered here as it is there).
+      if (filter) v = ((v > thr) & (t != jv)) ? zero : v;
       v = v * s;
       v = t == jv ? load_vec<VF>(tval + k) : v;
       if (k < full) {
@@ -483,7 +484,7 @@ PARTIALFC_INLINE void backward_block_cols_impl(float* base, int64_t batch, int64
       const VI t = load_ivec<VI>(tgt + k);
       VF e = exp_vec<VF, VI>(v - load_vec<VF>(shift + k)) * load_vec<VF>(factor + k);
       // With filtering, the dropped logits (exactly 0 after the forward) get no gradient.
-      if (filter) e = ((t >= 0) & (v == zero)) ? zero : e;
+      if (filter) e = (v == zero) ? zero : e;
       e = t == jv ? load_vec<VF>(tgrad + k) : e;
       if (k < full) {
         std::memcpy(row + k, &e, sizeof(e));
@@ -536,7 +537,7 @@ void forward_block_cols_scalar(scalar_t* base, int64_t batch, int64_t j0, int64_
     scalar_t* row = base + j * batch;
     for (int64_t b = 0; b < batch; ++b) {
       acc_t v = clamp_cos(static_cast<acc_t>(row[b]));
-      if (filter && tgt[b] >= 0 && tgt[b] != j && v > thr) v = 0;
+      if (filter && tgt[b] != j && v > thr) v = 0;
       const scalar_t stored = tgt[b] == j ? static_cast<scalar_t>(tval[b]) : static_cast<scalar_t>(v * s);
       row[b] = stored;
       mx[b] = nan_max(mx[b], tgt[b] == j ? tval[b] : static_cast<acc_t>(stored));
@@ -643,7 +644,7 @@ void backward_cols(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
             if (tgt[b] == j) {
               row[b] = static_cast<scalar_t>(tgrad[b]);
             } else {
-              row[b] = (filter && tgt[b] >= 0 && l == 0) ? scalar_t(0)
+              row[b] = (filter && l == 0) ? scalar_t(0)
                                                          : static_cast<scalar_t>(std::exp(l - shift[b]) * inv_sum[b] * scale);
             }
           }
@@ -703,7 +704,7 @@ void backward_rows(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
       TORCH_CHECK(t >= -1 && t < cols, "margin_softmax_backward: labels[", r, "] = ", t, " is outside [-1, ", cols,
                   ")");
       const acc_t shift = static_cast<acc_t>(gm[r]), denom = static_cast<acc_t>(gs[r]);
-      const bool filter_row = filter && t >= 0;
+      const bool filter_row = filter;  // every row: also those whose target lives on another rank
       acc_t target_p = 0;
       if (t >= 0) target_p = std::exp(a.target_logit(r, static_cast<acc_t>(row[t * cs])) - shift) / denom;
       bool done = false;
@@ -779,7 +780,7 @@ void forward_adaptive(at::Tensor& logits, const int64_t* labels, const AdaptiveI
         return a.hard ? static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(stored))) : stored;
       };
       const acc_t tc = t >= 0 ? clamp_to(static_cast<acc_t>(row[t * cs]), a.lo, a.hi) : acc_t(0);
-      const bool filter_row = filter && t >= 0;
+      const bool filter_row = filter;  // every row: also those whose target lives on another rank
       acc_t mx = -std::numeric_limits<acc_t>::infinity(), tl = 0, online_sum = 0;
       for (int64_t j = 0; j < cols; ++j) {
         acc_t logit;
@@ -837,7 +838,7 @@ void backward_adaptive(at::Tensor& logits, const int64_t* labels, const at::Tens
       // The clamp's bounds as stored: an entry there was clamped and gets no gradient.
       const acc_t stored_lo = static_cast<acc_t>(static_cast<scalar_t>(a.lo * a.s));
       const acc_t stored_hi = static_cast<acc_t>(static_cast<scalar_t>(a.hi * a.s));
-      const bool filter_row = filter && t >= 0;
+      const bool filter_row = filter;  // every row: also those whose target lives on another rank
       for (int64_t j = 0; j < cols; ++j) {
         const acc_t l = static_cast<acc_t>(row[j * cs]);
         acc_t g;

@@ -43,7 +43,7 @@ __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ lab
   scalar_t* row = logits + r * rs;
   const int64_t t = labels[r];
   // t in [-1, cols): checked on the host before the launch
-  const bool filter_row = filter && t >= 0;
+  const bool filter_row = filter;  // every row: also those whose target lives on another rank
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   acc_t tl = 0, tc = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
@@ -104,7 +104,7 @@ __global__ void backward_kernel(scalar_t* logits, const int64_t* __restrict__ la
   acc_t g;
   if (j == t) {
     g = (prob - acc_t(1)) * margin_derivative(tcos[r], m1, m2, plain) * scale;
-  } else if (filter && t >= 0 && l == acc_t(0)) {
+  } else if (filter && l == acc_t(0)) {
     g = 0;  // a dropped (filtered) logit gets no gradient
   } else {
     g = prob * scale;
@@ -125,7 +125,7 @@ __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restr
   const int64_t t = labels[r];
   // t in [-1, cols): checked on the host before the launch
   const AdaptiveRow<acc_t> a = in.row(r);
-  const bool filter_row = filter && t >= 0;
+  const bool filter_row = filter;  // every row: also those whose target lives on another rank
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   acc_t tl = 0, tc = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
@@ -185,7 +185,7 @@ __global__ void adaptive_backward_kernel(scalar_t* logits, const int64_t* __rest
     acc_t lt = l;  // the target's logit as the forward's statistics took it (see half_precision)
     if constexpr (half_precision<scalar_t>()) lt = a.target_value(tcos[r]) * a.s;
     g = (m_exp(lt - shift) / denom - acc_t(1)) * a.target_derivative(tcos[r]) * scale;
-  } else if (filter && t >= 0 && l == acc_t(0)) {
+  } else if (filter && l == acc_t(0)) {
     g = 0;  // a dropped (filtered) logit gets no gradient
   } else if (a.clip && (l <= static_cast<acc_t>(static_cast<scalar_t>(a.lo * a.s)) ||
                         l >= static_cast<acc_t>(static_cast<scalar_t>(a.hi * a.s)))) {
@@ -273,7 +273,7 @@ struct FixedMargin {
   acc_t s, m1, m2, m3, thr;
   bool plain, filter;
   __device__ FixedRowOp<scalar_t, acc_t> row(int64_t, int64_t t) const {
-    return {s, m1, m2, m3, thr, plain, filter && t >= 0, t};
+    return {s, m1, m2, m3, thr, plain, filter, t};
   }
 };
 
@@ -303,7 +303,7 @@ struct AdaptiveMargin {
   acc_t thr;
   bool filter;
   __device__ AdaptiveRowOp<scalar_t, acc_t> row(int64_t r, int64_t t) const {
-    return {in.row(r), thr, filter && t >= 0, t};
+    return {in.row(r), thr, filter, t};
   }
 };
 

@@ -13,7 +13,7 @@ from partialfc.config import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 STAGES = ["versions", "build", "tests_ops_cuda", "tests_cuda_ops", "tests_partial_fc_cuda", "sanitizer",
-          "head_step_bf16", "train_head", "backbone_only"]
+          "head_step_bf16", "host_centers", "train_head", "backbone_only"]
 
 
 @pytest.fixture(scope="module")

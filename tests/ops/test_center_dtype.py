@@ -118,3 +118,40 @@ def test_float16_subnormal_rounding_is_unbiased():
     y = R.stochastic_round_ref(x, torch.float16, keys, R.ROUND_WEIGHT).double()
     assert set(torch.unique(y).tolist()) == {5 * 2.0 ** -24, 6 * 2.0 ** -24}
     assert abs(y.mean().item() - 3.3e-7) < 0.01 * 3.3e-7
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sparse_sgd_update", "normalize_backward_sgd_update"])
+def test_bf16_contiguous_rows_equal_the_strided_path_with_non_finite_values(fused):
+    # Contiguous bfloat16 rows take a lane-parallel loop, strided ones the element-wise one: the same bits,
+    # NaN, infinities and values that round up to infinity included, and both equal the reference.
+    g = torch.Generator().manual_seed(7)
+    weight, momentum, index, grad = _tables(torch.bfloat16, g, dim=40)
+    weight[index[0], :3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).bfloat16()
+    weight[index[1], 0] = torch.finfo(torch.bfloat16).max
+    grad[2, :2] = torch.tensor([float("nan"), 1e30])
+    inv_norm = torch.rand(index.numel(), generator=g) + 0.5
+
+    def update(w, m, op):
+        if fused:
+            op(w, m, index, grad, inv_norm, 0.1, 0.9, 5e-4, 2.0, 99, 4, 50)
+        else:
+            op(w, m, index, grad, 0.1, 0.9, 5e-4, 99, 4, 50)
+
+    kernel = P.normalize_backward_sgd_update if fused else P.sparse_sgd_update
+    ref = R.normalize_backward_sgd_update_ref if fused else R.sparse_sgd_update_ref
+    wc, mc = weight.clone(), momentum.clone()
+    update(wc, mc, kernel)
+    wide_w = torch.empty(weight.shape[0], 2 * weight.shape[1], dtype=weight.dtype)
+    wide_m = torch.empty_like(wide_w)
+    ws, ms = wide_w[:, ::2], wide_m[:, ::2]  # the same rows, column stride 2
+    ws.copy_(weight)
+    ms.copy_(momentum)
+    update(ws, ms, kernel)
+    wr, mr = weight.clone(), momentum.clone()
+    update(wr, mr, ref)
+    same = lambda a, b: torch.equal(a.view(torch.int16), b.contiguous().view(torch.int16))
+    assert same(wc, ws) and same(mc, ms)
+    # the reference's NaN has another payload (its own bit arithmetic); every other value bit for bit
+    for kernel_out, ref_out in ((wc, wr), (mc, mr)):
+        torch.testing.assert_close(kernel_out.float(), ref_out.float(), rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(wc.float()).any()  # (an infinite weight becomes NaN: inf - lr * inf)

@@ -83,6 +83,26 @@ PARTIALFC_CLONES void sgd_row_f32(float* __restrict w, float* __restrict m, cons
   }
 }
 
+// One contiguous bfloat16 row of SGD-momentum, stochastically rounded, for a float32 gradient `g` (grad_row: the
+// gradient itself; normalize: the normalize backward (g - w * scale * dot) * scale * inv_gscale of it). Written
+// lane-parallel (omp simd over the elements, the hash included): the element-wise scalar form was twice the
+// update's memory time. Every element is computed exactly as sgd_element_rounded does (the same operations in
+// the same order, and stochastic_bf16's bits), so both forms give the same table bit for bit.
+template <bool normalize>
+PARTIALFC_CLONES void sgd_row_bf16_stochastic(uint16_t* __restrict w, uint16_t* __restrict m, const float* __restrict g,
+                                              int64_t dim, float scale, float dot, float inv_gscale, float lr,
+                                              float mu, float wd, uint32_t key) {
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) {
+    const float wv = bits_float(static_cast<uint32_t>(w[j]) << 16);
+    float rv = g[j];
+    if constexpr (normalize) rv = (rv - wv * scale * dot) * scale * inv_gscale;
+    const float mv = bits_float(static_cast<uint32_t>(m[j]) << 16) * mu + (rv + wd * wv);
+    m[j] = stochastic_bf16_bits(mv, rounding_bits(key, j, kRoundMomentum));
+    w[j] = stochastic_bf16_bits(wv - lr * mv, rounding_bits(key, j, kRoundWeight));
+  }
+}
+
 template <typename w_t, typename g_t>
 void update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, const at::Tensor& grad, double lr_d,
                  double momentum_d, double wd_d, const Rounding& rounding) {
@@ -95,6 +115,13 @@ void update_rows(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, c
     if constexpr (is_low_precision<w_t>()) {
       if (rounding.stochastic) {
         const RowRounding rnd(true, rounding.seed, rounding.step, rounding.class_start + idx[i]);
+        if constexpr (std::is_same_v<w_t, c10::BFloat16> && std::is_same_v<g_t, float>) {
+          if (unit) {
+            sgd_row_bf16_stochastic<false>(reinterpret_cast<uint16_t*>(wr), reinterpret_cast<uint16_t*>(mr), gr, dim,
+                                           1.0f, 0.0f, 1.0f, lr, mu, wd, rnd.key);
+            return;
+          }
+        }
         for (int64_t j = 0; j < dim; ++j)
           sgd_element_rounded(wr[j * ws1], mr[j * ms1], static_cast<float>(gr[j * gs1]), lr, mu, wd, rnd, j);
         return;
@@ -152,8 +179,16 @@ void normalize_backward_update_rows(at::Tensor& weight, at::Tensor& mom, const a
     if constexpr (is_low_precision<w_t>()) {
       if (rounding.stochastic) {
         const RowRounding rnd(true, rounding.seed, rounding.step, rounding.class_start + idx[i]);
+        // In column order (not a lane-parallel reduction): the reference sums the same way, bit for bit.
         for (int64_t j = 0; j < dim; ++j)
           dot += static_cast<acc_t>(gr[j * gs1]) * (static_cast<acc_t>(wr[j * ws1]) * scale);
+        if constexpr (std::is_same_v<w_t, c10::BFloat16> && std::is_same_v<g_t, float>) {
+          if (unit) {
+            sgd_row_bf16_stochastic<true>(reinterpret_cast<uint16_t*>(wr), reinterpret_cast<uint16_t*>(mr), gr, dim,
+                                          scale, dot, inv_gscale, lr, mu, wd, rnd.key);
+            return;
+          }
+        }
         for (int64_t j = 0; j < dim; ++j) {
           const acc_t rv =
               (static_cast<acc_t>(gr[j * gs1]) - static_cast<acc_t>(wr[j * ws1]) * scale * dot) * scale * inv_gscale;

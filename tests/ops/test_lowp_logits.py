@@ -139,3 +139,15 @@ def test_head_in_place_step_is_as_accurate_as_the_float32_copy(monkeypatch, use_
     err = {k: float((g - ref).norm() / ref.norm()) for k, g in grads.items()}
     assert err[True] <= 1.05 * err[False] + 1e-6, err
     assert float((grads[True] - grads[False]).norm() / ref.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_opcheck_on_low_precision_logits(dtype):
+    # Schema, fake (meta) kernels and the float32 statistics of bfloat16/float16 logits, with filtering on.
+    cos, labels = cosines(6, 40, dtype, "cpu", seed=3)
+    stats = ops.margin_softmax_forward(cos.clone(), labels, *ARCFACE, 0.3)
+    torch.library.opcheck(ops.margin_softmax_forward, (cos.clone(), labels, *ARCFACE, 0.3))
+    logits = cos.clone()
+    ops.margin_softmax_forward(logits, labels, *ARCFACE, 0.3)
+    torch.library.opcheck(ops.margin_softmax_backward, (logits, labels, stats[0], stats[1], stats[3], *ARCFACE,
+                                                        0.5, 0.3))

@@ -203,3 +203,22 @@ def test_opcheck(layout):
     row_max, sum_exp, _, target_cos = margin_softmax_forward_ref(logits, labels, 64.0, 1.0, 0.5, 0.0)
     torch.library.opcheck(ops.margin_softmax_backward, (logits, labels, row_max, sum_exp, target_cos,
                                                         64.0, 1.0, 0.5, 0.0, 0.125, 0.0))
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+@pytest.mark.parametrize("layout", ["rows", "class_major"])
+def test_filtering_drops_close_logits_in_rows_whose_target_is_elsewhere(impl, layout):
+    # A row whose target another rank holds (label -1) is filtered too, as one process over all classes filters
+    # it: its too-close cosines become logit 0 and get no gradient; a local target's own column is never dropped.
+    forward = ops.margin_softmax_forward if impl == "compiled" else margin_softmax_forward_ref
+    backward = ops.margin_softmax_backward if impl == "compiled" else margin_softmax_backward_ref
+    cos = torch.tensor([[0.1, 0.8, -0.2, 0.6], [0.7, 0.1, 0.9, -0.3]])
+    labels = torch.tensor([-1, 1])
+    logits = cos.clone() if layout == "rows" else class_major(cos)
+    row_max, sum_exp, _, target_cos = forward(logits, labels, 64.0, 1.0, 0.0, 0.0, 0.5)
+    expected = torch.tensor([[0.1, 0.0, -0.2, 0.0], [0.0, 0.1, 0.0, -0.3]]) * 64.0
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(row_max, expected.max(dim=1).values)
+    backward(logits, labels, row_max, sum_exp, target_cos, 64.0, 1.0, 0.0, 0.0, 1.0, 0.5)
+    assert logits[0, 1] == 0 and logits[0, 3] == 0 and logits[1, 0] == 0 and logits[1, 2] == 0
+    assert logits[0, 0] > 0 and logits[1, 1] < 0 and logits[1, 3] > 0

@@ -77,3 +77,21 @@ def run(launcher, np, script, *args, timeout=300):
         raise AssertionError(f"{launcher} -np {np} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc
+
+
+def run_worker_world(launcher, np, worker, out_dir):
+    """Run a results-writing worker on one world and return its ``rank<r>.json`` results in rank order.
+
+    ``launcher`` "single" runs one process without a launcher (the single-process communicator, as a
+    one-device run uses it); otherwise the worker runs under ``launcher`` with its backend argument ("torch"
+    under torchrun, "horovod" under horovodrun). The worker's arguments are that mode and ``out_dir``."""
+    import json
+
+    if launcher == "single":
+        proc = subprocess.run([sys.executable, worker, "single", out_dir], cwd=ROOT, env=_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    else:
+        require(launcher)
+        run(launcher, np, worker, "torch" if launcher == "torchrun" else "horovod", out_dir)
+    return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(np)]

@@ -8,15 +8,13 @@ one process, torchrun and horovodrun --gloo on 2 and 4 ranks.
 - bf16 / fp16 runs stay within their tolerances of the float32 run, and the float32 storage path still matches
   the single process to float32 precision.
 """
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from launchers import ROOT, require, run
+from launchers import run_worker_world
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "center_dtype_ranks_worker.py")
 sys.path.insert(0, os.path.dirname(WORKER))
@@ -36,16 +34,7 @@ TOLERANCE = {torch.bfloat16: (6e-3, 1.6e-2), torch.float16: (1e-3, 2e-3)}
 
 
 def _launch(launcher, np, out_dir):
-    if launcher == "single":
-        # One process needs no launcher: the single-process communicator, as a one-device run uses.
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, WORKER, "single", out_dir], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    else:
-        require(launcher)
-        run(launcher, np, WORKER, "torch" if launcher == "torchrun" else "horovod", out_dir)
-    return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(np)]
+    return run_worker_world(launcher, np, WORKER, out_dir)
 
 
 @pytest.fixture(scope="module")

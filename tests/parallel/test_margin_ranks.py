@@ -7,14 +7,11 @@ The cases (margin_ranks_worker.CASES): AdaFace and CurricularFace with one cente
 ArcFace with K = 3 under ArcFace, a combined margin (m1 != 1, past-pi fallback), ArcFace with interclass
 filtering, AdaFace and CurricularFace. One worker run per world size does every case. The filtered case is
 expected to fail on more than one rank until the margin ops filter every row (see FILTERING_ACROSS_RANKS)."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from launchers import ROOT, require, run
+from launchers import run_worker_world
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "margin_ranks_worker.py")
 ADAPTIVE = ("adaface", "curricularface", "subcenter_adaface", "subcenter_curricularface")
@@ -28,15 +25,7 @@ TOL = 1e-10
 
 
 def run_world(launcher, np, out_dir):
-    if launcher == "single":
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, WORKER, "single", out_dir], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    else:
-        require(launcher)
-        run(launcher, np, WORKER, "torch" if launcher == "torchrun" else "horovod", out_dir)
-    return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(np)]
+    return run_worker_world(launcher, np, WORKER, out_dir)
 
 
 _RESULTS = {}

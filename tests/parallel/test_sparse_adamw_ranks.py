@@ -1,14 +1,11 @@
 """SparseAdamW over the sharded class centers: with sample_rate=1, 1, 2 and 3 ranks (37 classes, uneven
 shards) give torch.optim.AdamW over the dense table of one process, and the same table as each other; with
 sampling, rows a rank never sampled keep weight and moments and each row counts its own steps."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from launchers import ROOT, require, run
+from launchers import run_worker_world
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparse_adamw_ranks_worker.py")
 NUM_CLASSES, STEPS = 37, 4
@@ -17,16 +14,7 @@ TOL = 1e-10
 
 
 def run_world(np, out_dir):
-    if np == 1:
-        # One process needs no launcher: the single-process communicator, as a one-device run uses.
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, WORKER, "single", out_dir], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    else:
-        require("torchrun")
-        run("torchrun", np, WORKER, "torch", out_dir)
-    return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(np)]
+    return run_worker_world("single" if np == 1 else "torchrun", np, WORKER, out_dir)
 
 
 @pytest.fixture(scope="module")

@@ -198,3 +198,23 @@ def test_loss_at_uniform_logits_is_log_num_classes():
     pfc.weight.data = torch.tensor([[1.0, 0.0]] * 8, dtype=torch.float64)
     x = torch.tensor([[0.0, 1.0]] * 4, dtype=torch.float64)
     assert pfc(x, torch.tensor([0, 1, 2, 3])).item() == pytest.approx(math.log(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_all_finite_matches_isfinite_all(dtype):
+    from partialfc.head.partial_fc import all_finite
+
+    cases = [torch.zeros(0, 4), torch.randn(50, 8), torch.full((300, 300), 1000.0)]  # float16: sums past its max
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(50, 8)
+        t[17, 3] = bad
+        cases.append(t)
+    both = torch.randn(50, 8)
+    both[1, 1], both[2, 2] = float("inf"), -float("inf")  # they sum to NaN
+    cases.append(both)
+    for t in cases:
+        t = t.to(dtype)
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+    # the one way it differs: finite values whose sum overflows the accumulation dtype count as not finite
+    huge = torch.full((4,), torch.finfo(torch.float32).max / 2)
+    assert not all_finite(huge) and bool(torch.isfinite(huge).all())

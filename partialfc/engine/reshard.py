@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..head.partial_fc import partition_classes
+from ..head.precision import dtype_name
 
 __all__ = ["ReshardError", "derived_seed", "read_shards", "take_rows", "merge", "split", "describe_resplit"]
 
@@ -117,8 +118,8 @@ def check_tiling(shards, num_classes=None):
                                f"{shards[0]['path']} has {dim}")
         if shard["state"]["weight"].dtype != dtype:
             # One table has one storage dtype: concatenating would promote the rows silently.
-            raise ReshardError(f"{where}: class centers stored as {_dtype_name(shard['state']['weight'].dtype)}, "
-                               f"but {shards[0]['path']} stores {_dtype_name(dtype)}")
+            raise ReshardError(f"{where}: class centers stored as {dtype_name(shard['state']['weight'].dtype)}, "
+                               f"but {shards[0]['path']} stores {dtype_name(dtype)}")
         if shard["start"] > expect:
             raise ReshardError(f"{where}: classes [{expect}, {shard['start']}) are in no shard (a gap; is a rank's "
                                f"file missing?)")
@@ -129,10 +130,6 @@ def check_tiling(shards, num_classes=None):
         raise ReshardError(f"{shards[-1]['path']} (classes [{shards[-1]['start']}, {expect})): the shards end at "
                            f"class {expect}, but there are {num_classes} classes (is a rank's file missing?)")
     return shards
-
-
-def _dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 def subcenters(shard):
@@ -253,7 +250,7 @@ def merge(folder):
     return dict(format=MERGED_FORMAT, num_classes=total, embedding_size=int(weight.shape[1]), weight=weight,
                 optimizer_rows=rows, optimizer_rest=rest, param_groups=param_groups, trainer=trainer,
                 source_world_size=len(files), num_subcenters=subcenters(shards[0]),
-                center_dtype=_dtype_name(weight.dtype))
+                center_dtype=dtype_name(weight.dtype))
 
 
 def load_merged(path):
@@ -293,12 +290,12 @@ def split(merged, world_size, output, log=print):
         state = dict(weight=weight.clone(), pfc_optimizer=optimizer_state_dict(
                          {k: v.clone() for k, v in rows.items()}, rest, groups),
                      class_start=start, num_local=num, num_subcenters=k, sampler=sampler, torch_rng=torch_rng,
-                     cuda_rng=None, derived_rng=True, center_dtype=_dtype_name(weight.dtype))
+                     cuda_rng=None, derived_rng=True, center_dtype=dtype_name(weight.dtype))
         save_atomic(state, os.path.join(folder, f"rank_{rank}.pt"))
     trainer["world_size"] = world_size
     trainer["num_classes"] = num_classes
     trainer["num_subcenters"] = k
-    trainer["center_dtype"] = _dtype_name(merged["weight"].dtype)  # split keeps the merged table's dtype
+    trainer["center_dtype"] = dtype_name(merged["weight"].dtype)  # split keeps the merged table's dtype
     save_atomic(trainer, os.path.join(folder, "trainer.pt"))
     write_manifest(folder, world_size, step, run_id=trainer.get("run_id"))
     log(f"wrote {folder}: {num_classes} classes over {world_size} ranks, step {step}")

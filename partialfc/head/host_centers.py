@@ -240,22 +240,12 @@ class HostCenterGrad(CenterGrad):
 
     def add(self, grad_logits, features):
         """As ``CenterGrad.add``, on the compute device; then the copy to the host starts."""
-        num_sample, dim = self.centers.shape
-        acc = self.inv_norm.dtype
         if self._copied is not None:
             # The previous micro-batch's copy still reads the gradient this one adds into.
             torch.cuda.current_stream(features.device).wait_event(self._copied)
-        grad = self._device_grad
-        if grad is None:
-            grad = self.stage.owner.compute_ops.empty("grad_centers", (num_sample, dim), acc)
-            if grad_logits.dtype == acc:
-                torch.mm(grad_logits.t(), features, out=grad)
-            else:
-                grad.copy_(torch.mm(grad_logits.t(), features))
-        elif grad_logits.dtype == acc:
-            grad.addmm_(grad_logits.t(), features)
-        else:
-            grad.add_(torch.mm(grad_logits.t(), features))
+        compute_ops = self.stage.owner.compute_ops
+        grad = self.accumulate(self._device_grad, grad_logits, features,
+                               lambda shape, dtype: compute_ops.empty("grad_centers", shape, dtype))
         self._device_grad = grad
         self._host_grad, self._copied = self.stage.owner.copy_to_host(grad)
         self.applied = False

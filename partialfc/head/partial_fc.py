@@ -75,23 +75,30 @@ class CenterGrad:
 
     def add(self, grad_logits, features):
         """Add ``grad_logits^T @ features`` ([S, B] @ [B, D]), the gradient of the normalized centers."""
-        num_sample, dim = self.centers.shape
-        acc = self.inv_norm.dtype
-        if self.normalized_grad is None:
-            if self.reuse_centers and self.centers.dtype == acc and self.centers.is_contiguous():
-                out, self.centers = self.centers, None  # [S, D]: grad_features has read the centers
-            else:
-                out = self.table.empty("grad_centers", (num_sample, dim), acc)
-            if grad_logits.dtype == acc:
-                torch.mm(grad_logits.t(), features, out=out)
-            else:
-                out.copy_(torch.mm(grad_logits.t(), features))
-            self.normalized_grad = out
-        elif grad_logits.dtype == acc:
-            self.normalized_grad.addmm_(grad_logits.t(), features)
-        else:
-            self.normalized_grad.add_(torch.mm(grad_logits.t(), features))
+        self.normalized_grad = self.accumulate(self.normalized_grad, grad_logits, features, self._new_grad)
         self.applied = False
+
+    def _new_grad(self, shape, dtype):
+        if self.reuse_centers and self.centers.dtype == dtype and self.centers.is_contiguous():
+            out, self.centers = self.centers, None  # [S, D]: grad_features has read the centers
+            return out
+        return self.table.empty("grad_centers", shape, dtype)
+
+    def accumulate(self, grad, grad_logits, features, new_buffer):
+        """``grad + grad_logits^T @ features`` [S, D] in the accumulation dtype, in place; ``grad`` None: into
+        ``new_buffer(shape, dtype)``. A low-precision product is formed in its dtype and added in float32."""
+        acc = self.inv_norm.dtype
+        if grad is None:
+            grad = new_buffer(self.centers.shape, acc)
+            if grad_logits.dtype == acc:
+                torch.mm(grad_logits.t(), features, out=grad)
+            else:
+                grad.copy_(torch.mm(grad_logits.t(), features))
+        elif grad_logits.dtype == acc:
+            grad.addmm_(grad_logits.t(), features)
+        else:
+            grad.add_(torch.mm(grad_logits.t(), features))
+        return grad
 
     def clear(self):
         self.normalized_grad = None

@@ -30,6 +30,21 @@ PARTIALFC_CLONES float normalize_row_f32(const float* __restrict src, float* __r
   return scale;
 }
 
+// bfloat16 rows (their bits) into float32 rows, as normalize_row_f32; the generic loop's c10::BFloat16
+// conversions ran at about half this speed.
+PARTIALFC_CLONES_AVX512 float normalize_row_bf16_f32(const uint16_t* __restrict src, float* __restrict dst, int64_t dim) {
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < dim; ++j) {
+    const float v = bf16_bits_to_float(src[j]);
+    sum += v * v;
+  }
+  const float scale = 1.0f / std::max(std::sqrt(sum), 1e-12f);
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) dst[j] = bf16_bits_to_float(src[j]) * scale;
+  return scale;
+}
+
 // float32 rows: out = (g - n <g, n>) * scale (out may be g).
 PARTIALFC_CLONES void normalize_backward_row_f32(const float* g, const float* __restrict n, float* out, int64_t dim,
                                                  float scale) {
@@ -64,6 +79,9 @@ void gather_normalize_rows(const at::Tensor& weight, const at::Tensor& index, at
         if (i + kPrefetchRows < end) prefetch_row<false>(w + idx[i + kPrefetchRows] * ws0, dim);
         if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
           inv_norm[i] = normalize_row_f32(src, dst, dim);
+          continue;
+        } else if constexpr (std::is_same_v<in_t, c10::BFloat16> && std::is_same_v<out_t, float>) {
+          inv_norm[i] = normalize_row_bf16_f32(reinterpret_cast<const uint16_t*>(src), dst, dim);
           continue;
         }
 #pragma omp simd reduction(+ : sum)

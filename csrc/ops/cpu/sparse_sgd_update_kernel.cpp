@@ -89,7 +89,7 @@ PARTIALFC_CLONES void sgd_row_f32(float* __restrict w, float* __restrict m, cons
 // update's memory time. Every element is computed exactly as sgd_element_rounded does (the same operations in
 // the same order, and stochastic_bf16's bits), so both forms give the same table bit for bit.
 template <bool normalize>
-PARTIALFC_CLONES void sgd_row_bf16_stochastic(uint16_t* __restrict w, uint16_t* __restrict m, const float* __restrict g,
+PARTIALFC_CLONES_AVX512 void sgd_row_bf16_stochastic(uint16_t* __restrict w, uint16_t* __restrict m, const float* __restrict g,
                                               int64_t dim, float scale, float dot, float inv_gscale, float lr,
                                               float mu, float wd, uint32_t key) {
 #pragma omp simd
@@ -101,6 +101,33 @@ PARTIALFC_CLONES void sgd_row_bf16_stochastic(uint16_t* __restrict w, uint16_t* 
     m[j] = stochastic_bf16_bits(mv, rounding_bits(key, j, kRoundMomentum));
     w[j] = stochastic_bf16_bits(wv - lr * mv, rounding_bits(key, j, kRoundWeight));
   }
+}
+
+// <g, w * scale> over a row of a float32 gradient and a bfloat16 weight row (raw bits), summed in one order
+// whatever the strides and the instruction set: element j into partial sum j % 16, then the 16 partials added
+// pairwise. Lane-parallel for unit strides (a column-order sum is a chain of D dependent adds, which cost more
+// than the rest of the row's update); the strided form gives the same bits, so both rows round alike.
+constexpr int kDotLanes = 16;
+
+template <bool unit>
+PARTIALFC_CLONES_AVX512 float bf16_row_dot(const float* __restrict g, int64_t gs, const uint16_t* __restrict w, int64_t ws,
+                                    int64_t dim, float scale) {
+  float part[kDotLanes] = {};
+  int64_t j = 0;
+  for (; j + kDotLanes <= dim; j += kDotLanes) {
+#pragma omp simd
+    for (int l = 0; l < kDotLanes; ++l) {
+      const int64_t k = j + l;
+      part[l] += (unit ? g[k] : g[k * gs]) * (bits_float(static_cast<uint32_t>(unit ? w[k] : w[k * ws]) << 16) * scale);
+    }
+  }
+  for (int l = 0; j + l < dim; ++l) {
+    const int64_t k = j + l;
+    part[l] += (unit ? g[k] : g[k * gs]) * (bits_float(static_cast<uint32_t>(unit ? w[k] : w[k * ws]) << 16) * scale);
+  }
+  for (int width = kDotLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) part[l] += part[l + width];
+  return part[0];
 }
 
 template <typename w_t, typename g_t>
@@ -179,15 +206,19 @@ void normalize_backward_update_rows(at::Tensor& weight, at::Tensor& mom, const a
     if constexpr (is_low_precision<w_t>()) {
       if (rounding.stochastic) {
         const RowRounding rnd(true, rounding.seed, rounding.step, rounding.class_start + idx[i]);
-        // In column order (not a lane-parallel reduction): the reference sums the same way, bit for bit.
-        for (int64_t j = 0; j < dim; ++j)
-          dot += static_cast<acc_t>(gr[j * gs1]) * (static_cast<acc_t>(wr[j * ws1]) * scale);
         if constexpr (std::is_same_v<w_t, c10::BFloat16> && std::is_same_v<g_t, float>) {
+          // Contiguous and strided rows sum the dot product in the same order (bf16_row_dot): the same bits.
+          const uint16_t* wb = reinterpret_cast<const uint16_t*>(wr);
           if (unit) {
+            dot = bf16_row_dot<true>(gr, 1, wb, 1, dim, scale);
             sgd_row_bf16_stochastic<true>(reinterpret_cast<uint16_t*>(wr), reinterpret_cast<uint16_t*>(mr), gr, dim,
                                           scale, dot, inv_gscale, lr, mu, wd, rnd.key);
             return;
           }
+          dot = bf16_row_dot<false>(gr, gs1, wb, ws1, dim, scale);
+        } else {
+          for (int64_t j = 0; j < dim; ++j)
+            dot += static_cast<acc_t>(gr[j * gs1]) * (static_cast<acc_t>(wr[j * ws1]) * scale);
         }
         for (int64_t j = 0; j < dim; ++j) {
           const acc_t rv =

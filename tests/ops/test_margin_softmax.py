@@ -222,3 +222,50 @@ def test_filtering_drops_close_logits_in_rows_whose_target_is_elsewhere(impl, la
     backward(logits, labels, row_max, sum_exp, target_cos, 64.0, 1.0, 0.0, 0.0, 1.0, 0.5)
     assert logits[0, 1] == 0 and logits[0, 3] == 0 and logits[1, 0] == 0 and logits[1, 2] == 0
     assert logits[0, 0] > 0 and logits[1, 1] < 0 and logits[1, 3] > 0
+
+
+_AVX512_SCRIPT = r"""
+import sys, torch
+import partialfc.ops  # registers the ops
+sys.path.insert(0, sys.argv[2])
+from test_margin_softmax import class_major, make
+out = []
+for batch, threshold in ((128, 0.0), (37, 0.2), (16, 0.0)):
+    cosines, labels = make(batch, 9000, torch.float32, "cpu", seed=batch)
+    logits = class_major(cosines)
+    row_max, sum_exp, target_logit, target_cos = torch.ops.partialfc.margin_softmax_forward(
+        logits, labels, 64.0, 1.0, 0.5, 0.0, threshold)
+    torch.ops.partialfc.margin_softmax_backward(logits, labels, row_max, sum_exp, target_cos, 64.0, 1.0, 0.5, 0.0,
+                                                1.0 / batch, threshold)
+    out.append((row_max, sum_exp, target_logit, logits.contiguous()))
+torch.save(out, sys.argv[1])
+"""
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= set(_cpu_flags()),
+                    reason="this CPU has no AVX-512: the kernels run their AVX2 build only")
+def test_class_major_avx512_build_equals_the_avx2_build(tmp_path):
+    # The class-major backward has an AVX-512 build; its lanes are samples, so it must give the AVX2 build's bits
+    # (PARTIALFC_CPU_AVX512=0 selects the AVX2 build at start-up). Batches of 128, 37 (a partial vector) and 16.
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    results = []
+    for flag in ("1", "0"):
+        path = tmp_path / f"avx512_{flag}.pt"
+        env = dict(os.environ, PARTIALFC_CPU_AVX512=flag)
+        subprocess.run([sys.executable, "-c", _AVX512_SCRIPT, str(path), here], env=env, check=True, timeout=300)
+        results.append(torch.load(path))
+    for wide, narrow in zip(*results):
+        for a, b in zip(wide, narrow):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -38,6 +39,8 @@ typedef float vfloat4 __attribute__((vector_size(16)));
 typedef int32_t vint4 __attribute__((vector_size(16)));
 typedef float vfloat8 __attribute__((vector_size(32)));
 typedef int32_t vint8 __attribute__((vector_size(32)));
+typedef float vfloat16 __attribute__((vector_size(64)));
+typedef int32_t vint16 __attribute__((vector_size(64)));
 #define PARTIALFC_INLINE inline __attribute__((always_inline))
 
 template <typename VF, typename VI>
@@ -398,7 +401,7 @@ bool class_major(const at::Tensor& logits) {
   return logits.size(0) > 1 && logits.size(1) > 1 && logits.stride(0) == 1 && logits.stride(1) == logits.size(0);
 }
 
-constexpr int64_t kPad = 8;                      // widest vector, in floats
+constexpr int64_t kPad = 16;                     // widest vector (AVX-512), in floats
 constexpr int64_t kColumnBlockBytes = 256 << 10;  // class rows per block: about this many bytes
 constexpr int32_t kNoTarget = -2;                 // never a class row; also marks padding lanes
 
@@ -509,6 +512,33 @@ __attribute__((target("avx2,fma"))) void backward_block_cols_avx2(float* base, i
 }
 #endif
 
+#if PARTIALFC_X86_DISPATCH
+// The class-major backward also gets a 16-lane AVX-512 build. Its lanes are samples and each lane's operations are
+// the same at any width, so it gives the AVX2 build's results bit for bit (tests/ops/test_margin_softmax.py).
+// The exp polynomial bounds it at 8 lanes: the backward of [200K, 128] logits took 48-56 ms with AVX2 and 23-24 ms
+// with AVX-512 on the 2-core machine (docs/benchmarks.md). The forward is not built so: at 16 lanes its masked
+// max and selects ran 2.4x slower than at 8.
+#define PARTIALFC_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
+__attribute__((target(PARTIALFC_AVX512))) void backward_block_cols_avx512(float* base, int64_t batch, int64_t j0,
+                                                                          int64_t j1, const int32_t* tgt,
+                                                                          const float* shift, const float* factor,
+                                                                          const float* tgrad, bool filter) {
+  backward_block_cols_impl<vfloat16, vint16>(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
+}
+
+// Whether this CPU runs the AVX-512 builds (and the environment has not asked for AVX2:
+// PARTIALFC_CPU_AVX512=0, which the test of their equality uses).
+bool cpu_has_avx512() {
+  static const bool yes = [] {
+    const char* env = std::getenv("PARTIALFC_CPU_AVX512");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && cpu_has_avx2_fma();
+  }();
+  return yes;
+}
+#endif
+
 void forward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt, const float* tval,
                             float s, bool filter, float thr, float* mx, float* sum) {
 #if PARTIALFC_X86_DISPATCH
@@ -520,6 +550,7 @@ void forward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, 
 void backward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt,
                              const float* shift, const float* factor, const float* tgrad, bool filter) {
 #if PARTIALFC_X86_DISPATCH
+  if (cpu_has_avx512()) return backward_block_cols_avx512(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
   if (cpu_has_avx2_fma()) return backward_block_cols_avx2(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
 #endif
   backward_block_cols_impl<vfloat4, vint4>(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);

@@ -425,7 +425,8 @@ std::vector<int32_t> column_targets(const int64_t* labels, int64_t batch, int64_
 
 // float32 forward over class rows [j0, j1) of `base` (rows of `batch` floats): clamp, filter, margin on the
 // target, scale, store; then the block's per-sample max (NaN rule) and sum-exp relative to it.
-template <typename VF, typename VI>
+// The second sweep (sum-exp) may use wider vectors (VF2, VI2) than the first: the lanes are samples either way.
+template <typename VF, typename VI, typename VF2 = VF, typename VI2 = VI>
 PARTIALFC_INLINE void forward_block_cols_impl(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt,
                                               const float* tval, float s, bool filter, float thr, float* mx,
                                               float* sum) {
@@ -459,13 +460,15 @@ PARTIALFC_INLINE void forward_block_cols_impl(float* base, int64_t batch, int64_
       std::memcpy(mx + k, &m, sizeof(m));
     }
   }
+  constexpr int lanes2 = sizeof(VF2) / sizeof(float);
+  const int64_t full2 = batch - batch % lanes2;
   for (int64_t j = j0; j < j1; ++j) {
     const float* row = base + j * batch;
-    for (int64_t k = 0; k < batch; k += lanes) {
-      const VF m = load_vec<VF>(mx + k);
+    for (int64_t k = 0; k < batch; k += lanes2) {
+      const VF2 m = load_vec<VF2>(mx + k);
       // padding lanes: 0 - (-inf) would overflow the exp's clamp harmlessly; they are never read
-      const VF v = k < full ? load_vec<VF>(row + k) : load_tail<VF>(row + k, batch - k, 0.0f);
-      const VF acc = load_vec<VF>(sum + k) + exp_vec<VF, VI>(v - m);
+      const VF2 v = k < full2 ? load_vec<VF2>(row + k) : load_tail<VF2>(row + k, batch - k, 0.0f);
+      const VF2 acc = load_vec<VF2>(sum + k) + exp_vec<VF2, VI2>(v - m);
       std::memcpy(sum + k, &acc, sizeof(acc));
     }
   }
@@ -513,12 +516,18 @@ __attribute__((target("avx2,fma"))) void backward_block_cols_avx2(float* base, i
 #endif
 
 #if PARTIALFC_X86_DISPATCH
-// The class-major backward also gets a 16-lane AVX-512 build. Its lanes are samples and each lane's operations are
-// the same at any width, so it gives the AVX2 build's results bit for bit (tests/ops/test_margin_softmax.py).
-// The exp polynomial bounds it at 8 lanes: the backward of [200K, 128] logits took 48-56 ms with AVX2 and 23-24 ms
-// with AVX-512 on the 2-core machine (docs/benchmarks.md). The forward is not built so: at 16 lanes its masked
-// max and selects ran 2.4x slower than at 8.
+// The class-major exp sweeps also get a 16-lane AVX-512 build. Their lanes are samples and each lane's operations
+// are the same at any width, so it gives the AVX2 build's results bit for bit (tests/ops/test_margin_softmax.py).
+// The exp polynomial bounds them at 8 lanes: the backward of [200K, 128] logits took 48-56 ms with AVX2 and 23-24
+// ms with AVX-512 on the 2-core machine. The forward's first sweep (clamp, margin, masked max) stays at 8 lanes:
+// at 16 its selects made the whole forward 2.4x slower.
 #define PARTIALFC_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
+__attribute__((target(PARTIALFC_AVX512))) void forward_block_cols_avx512(float* base, int64_t batch, int64_t j0,
+                                                                         int64_t j1, const int32_t* tgt,
+                                                                         const float* tval, float s, bool filter,
+                                                                         float thr, float* mx, float* sum) {
+  forward_block_cols_impl<vfloat8, vint8, vfloat16, vint16>(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);
+}
 __attribute__((target(PARTIALFC_AVX512))) void backward_block_cols_avx512(float* base, int64_t batch, int64_t j0,
                                                                           int64_t j1, const int32_t* tgt,
                                                                           const float* shift, const float* factor,
@@ -542,6 +551,7 @@ bool cpu_has_avx512() {
 void forward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt, const float* tval,
                             float s, bool filter, float thr, float* mx, float* sum) {
 #if PARTIALFC_X86_DISPATCH
+  if (cpu_has_avx512()) return forward_block_cols_avx512(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);
   if (cpu_has_avx2_fma()) return forward_block_cols_avx2(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);
 #endif
   forward_block_cols_impl<vfloat4, vint4>(base, batch, j0, j1, tgt, tval, s, filter, thr, mx, sum);

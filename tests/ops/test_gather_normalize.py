@@ -102,3 +102,22 @@ def test_opcheck():
     grad = torch.randn(9, 8)
     torch.library.opcheck(ops.gather_normalize_backward, (grad, normalized, inv_norm))
     torch.library.opcheck(ops.gather_normalize_backward_out, (grad, normalized, inv_norm, torch.empty(9, 8)))
+
+
+@pytest.mark.parametrize("dim", [512, 40])
+def test_bf16_rows_into_aligned_and_unaligned_float32_rows_agree(dim):
+    # On CPU a bfloat16 table gathered into 64-byte aligned float32 rows (dim a multiple of 16) takes a path with
+    # streaming stores; other destinations take the plain row loop. Both must give the same bits, and the
+    # reference's values.
+    weight, index = make(3000, dim, 700, torch.bfloat16, "cpu", seed=5)
+    aligned, inv_aligned = torch.empty(700, dim), torch.empty(700)
+    ops.gather_normalize_out(weight, index, aligned, inv_aligned)
+    spare = torch.empty(700 * dim + 1)
+    unaligned, inv_unaligned = spare[1:].view(700, dim), torch.empty(700)
+    assert aligned.data_ptr() % 64 == 0 and unaligned.data_ptr() % 64 != 0
+    ops.gather_normalize_out(weight, index, unaligned, inv_unaligned)
+    assert torch.equal(aligned, unaligned) and torch.equal(inv_aligned, inv_unaligned)
+    ref, ref_inv = gather_normalize_ref(weight, index, torch.float32)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(aligned, ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(inv_aligned, ref_inv, atol=atol, rtol=rtol)

@@ -535,17 +535,6 @@ __attribute__((target(PARTIALFC_AVX512))) void backward_block_cols_avx512(float*
   backward_block_cols_impl<vfloat16, vint16>(base, batch, j0, j1, tgt, shift, factor, tgrad, filter);
 }
 
-// Whether this CPU runs the AVX-512 builds (and the environment has not asked for AVX2:
-// PARTIALFC_CPU_AVX512=0, which the test of their equality uses).
-bool cpu_has_avx512() {
-  static const bool yes = [] {
-    const char* env = std::getenv("PARTIALFC_CPU_AVX512");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && cpu_has_avx2_fma();
-  }();
-  return yes;
-}
 #endif
 
 void forward_block_cols_f32(float* base, int64_t batch, int64_t j0, int64_t j1, const int32_t* tgt, const float* tval,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -29,6 +30,23 @@ namespace partialfc {
 inline bool cpu_has_avx2_fma() {
 #if defined(__GNUC__) && defined(__x86_64__)
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Whether this CPU runs the kernels' explicit AVX-512 builds (the class-major margin backward, the bf16 gather's
+// streaming stores), unless the environment asks for their AVX2 builds with PARTIALFC_CPU_AVX512=0 (the tests
+// that compare the two builds do).
+inline bool cpu_has_avx512() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool yes = [] {
+    const char* env = std::getenv("PARTIALFC_CPU_AVX512");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && cpu_has_avx2_fma();
+  }();
   return yes;
 #else
   return false;

@@ -57,17 +57,17 @@ inline bool cpu_has_avx512() {
 // hardware prefetcher does not cross pages.
 constexpr int64_t kPrefetchRows = 4;
 
-// Prefetch every 64-byte line of a row of `dim` elements: a row the loop only reads with the non-temporal hint
-// (prefetchnta: read once, it should not evict the step's buffers), a row it will store to (`for_write`) into
-// all cache levels (prefetcht0). Not `__builtin_prefetch(p, 1, 0)` for the latter: without PREFETCHW in the
-// baseline x86-64 build it becomes prefetchnta as well, and that made the bfloat16 update of 200K scattered
-// rows of a 2M table on huge pages 20% slower (93 against 77 ms); for the gather prefetchnta is the faster
-// (30 against 33 ms).
-template <bool for_write, typename T>
+// Prefetch every 64-byte line of a row of `dim` elements: a row the loop reads once with the non-temporal hint
+// (prefetchnta: it should not evict the step's buffers), a row it reads again or stores to (`reused`) into all
+// cache levels (prefetcht0). Not `__builtin_prefetch(p, 1, 0)` for the latter: without PREFETCHW in the baseline
+// x86-64 build it becomes prefetchnta as well, and that made the bfloat16 update of 200K scattered rows of a 2M
+// table on huge pages 20% slower (93 against 77 ms; prefetching the gradient rows too: 74 ms); for the gather
+// prefetchnta is the faster (30 against 33 ms).
+template <bool reused, typename T>
 inline void prefetch_row(const T* row, int64_t dim) {
 #if defined(__GNUC__)
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, for_write ? 3 : 0);
+  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, reused ? 3 : 0);
 #endif
 }
 

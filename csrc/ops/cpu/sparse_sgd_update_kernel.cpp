@@ -46,7 +46,7 @@ constexpr bool is_low_precision() {
 
 // The loop both updates share: the sampled rows split over threads, each index checked, and
 // `row(i, weight row, momentum row, gradient row i, unit)` called, `unit` when all three rows are contiguous.
-// Before a unit-stride row, a later row's weight and momentum are prefetched (scattered rows, see simd.h).
+// Before a unit-stride row, a later row's weight, momentum and gradient are prefetched (scattered rows, see simd.h).
 template <typename w_t, typename g_t, typename RowFn>
 void for_each_sampled_row(at::Tensor& weight, at::Tensor& mom, const at::Tensor& index, const at::Tensor& grad,
                           const char* op, const RowFn& row) {
@@ -65,6 +65,7 @@ void for_each_sampled_row(at::Tensor& weight, at::Tensor& mom, const at::Tensor&
         const int64_t next = idx[i + kPrefetchRows];
         prefetch_row<true>(w + next * ws0, dim);
         prefetch_row<true>(m + next * ms0, dim);
+        prefetch_row<true>(g + (i + kPrefetchRows) * gs0, dim);  // read twice: the dot product, then the update
       }
       row(i, w + r * ws0, m + r * ms0, g + i * gs0, unit);
     }

@@ -10,6 +10,8 @@ import torch
 
 from partialfc.ops import extension as _ext
 
+from ops_testutil import no_gpu_reason
+
 ON_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
@@ -29,11 +31,7 @@ def _ext_loaded(monkeypatch):
 
 
 def _device_params():
-    cuda_reason = None
-    if not torch.cuda.is_available():
-        cuda_reason = "no CUDA device in this torch/machine"
-    elif not _ext.with_cuda():
-        cuda_reason = "partialfc._C was built without CUDA kernels"
+    cuda_reason = no_gpu_reason()
     return [pytest.param("cpu", id="cpu"),
             pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(cuda_reason is not None,
                                                                       reason=cuda_reason or ""))]

@@ -1,5 +1,7 @@
-"""Helpers shared by the compiled-op tests (tolerances, layouts)."""
+"""Helpers shared by the compiled-op tests (tolerances, layouts, the CUDA skip reason)."""
 import torch
+
+from partialfc.ops import extension
 
 # Absolute / relative tolerances per storage dtype when a kernel is compared with its reference.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
@@ -13,3 +15,12 @@ def noncontiguous_like(t):
     view.copy_(t)
     assert not view.is_contiguous() or t.numel() == 0
     return view
+
+
+def no_gpu_reason():
+    """Why the CUDA kernels cannot run here (a skip reason), or None when they can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device in this torch/machine"
+    if extension.available() and not extension.with_cuda():
+        return "partialfc._C was built without CUDA kernels"
+    return None

@@ -14,11 +14,11 @@ import textwrap
 import pytest
 import torch
 
-from partialfc.ops import (extension, gather_normalize_backward_ref, gather_normalize_ref,
+from partialfc.ops import (gather_normalize_backward_ref, gather_normalize_ref,
                            margin_softmax_backward_ref, margin_softmax_forward_ref, sparse_adamw_update_ref,
                            sparse_sgd_update_ref)
 
-from ops_testutil import TOL, noncontiguous_like
+from ops_testutil import TOL, no_gpu_reason, noncontiguous_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ops = torch.ops.partialfc
@@ -27,15 +27,7 @@ HALF_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ADAMW = (0.01, 0.9, 0.999, 1e-8, 0.1)  # lr, beta1, beta2, eps, weight_decay
 
 
-def _no_gpu_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device in this torch/machine"
-    if extension.available() and not extension.with_cuda():
-        return "partialfc._C was built without CUDA kernels"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_no_gpu_reason() is not None, reason=_no_gpu_reason() or "")
+pytestmark = pytest.mark.skipif(no_gpu_reason() is not None, reason=no_gpu_reason() or "")
 CUDA = torch.device("cuda")
 
 

@@ -15,22 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from partialfc.ops import extension
-
+from ops_testutil import no_gpu_reason
 from test_sample_classes import check_contract
 
 sample = torch.ops.partialfc.sample_classes
 
-
-def _no_gpu_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device in this torch/machine"
-    if extension.available() and not extension.with_cuda():
-        return "partialfc._C was built without CUDA kernels"
-    return None
-
-
-cuda_only = pytest.mark.skipif(_no_gpu_reason() is not None, reason=_no_gpu_reason() or "")
+cuda_only = pytest.mark.skipif(no_gpu_reason() is not None, reason=no_gpu_reason() or "")
 CUDA = torch.device("cuda")
 
 # ---------------------------------------------------------------------------------------------------------

@@ -79,13 +79,13 @@ C10_HOST_DEVICE inline c10::BFloat16 stochastic_bf16(float x, uint32_t bits) {
   return c10::BFloat16(static_cast<uint16_t>(rounded >> 16), c10::BFloat16::from_bits());
 }
 
-// stochastic_bf16 as raw bits and without branches, for lane-parallel loops: the same result bit for bit
-// (c10::BFloat16(NaN) is the quiet NaN 0x7fc0, and an infinity keeps its bits).
+// stochastic_bf16 as raw bits and without branches, for lane-parallel loops: the same result bit for bit.
+// c10::BFloat16(NaN) is the quiet NaN 0x7fc0; an infinity needs no case of its own, since its low 16 bits are
+// zero and adding fewer than 2^16 to them cannot carry: it keeps its bits.
 C10_HOST_DEVICE inline uint16_t stochastic_bf16_bits(float x, uint32_t bits) {
   const uint32_t u = float_bits(x);
-  const uint32_t mag = u & 0x7fffffffu;
   const uint16_t rounded = static_cast<uint16_t>((u + (bits & 0xffffu)) >> 16);
-  return mag > 0x7f800000u ? static_cast<uint16_t>(0x7fc0) : (mag == 0x7f800000u ? static_cast<uint16_t>(u >> 16) : rounded);
+  return (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>(0x7fc0) : rounded;
 }
 
 // float16: in its normal range (|x| >= 2^-14) it keeps 10 of float32's 23 mantissa bits, the same carry trick

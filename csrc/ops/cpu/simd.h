@@ -36,9 +36,9 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
-// Whether this CPU runs the kernels' explicit AVX-512 builds (the class-major margin backward, the bf16 gather's
+// Whether this CPU runs the kernels' explicit AVX-512 builds (the class-major margin sweeps, the bf16 gather's
 // streaming stores), unless the environment asks for their AVX2 builds with PARTIALFC_CPU_AVX512=0 (the tests
-// that compare the two builds do).
+// that compare the two builds do). The target_clones builds above are picked by the loader and ignore it.
 inline bool cpu_has_avx512() {
 #if defined(__GNUC__) && defined(__x86_64__)
   static const bool yes = [] {

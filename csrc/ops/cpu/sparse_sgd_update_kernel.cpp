@@ -95,10 +95,10 @@ PARTIALFC_CLONES_AVX512 void sgd_row_bf16_stochastic(uint16_t* __restrict w, uin
                                               float mu, float wd, uint32_t key) {
 #pragma omp simd
   for (int64_t j = 0; j < dim; ++j) {
-    const float wv = bits_float(static_cast<uint32_t>(w[j]) << 16);
+    const float wv = bf16_bits_to_float(w[j]);
     float rv = g[j];
     if constexpr (normalize) rv = (rv - wv * scale * dot) * scale * inv_gscale;
-    const float mv = bits_float(static_cast<uint32_t>(m[j]) << 16) * mu + (rv + wd * wv);
+    const float mv = bf16_bits_to_float(m[j]) * mu + (rv + wd * wv);
     m[j] = stochastic_bf16_bits(mv, rounding_bits(key, j, kRoundMomentum));
     w[j] = stochastic_bf16_bits(wv - lr * mv, rounding_bits(key, j, kRoundWeight));
   }
@@ -113,19 +113,16 @@ constexpr int kDotLanes = 16;
 template <bool unit>
 PARTIALFC_CLONES_AVX512 float bf16_row_dot(const float* __restrict g, int64_t gs, const uint16_t* __restrict w, int64_t ws,
                                     int64_t dim, float scale) {
+  const auto term = [&](int64_t k) {
+    return (unit ? g[k] : g[k * gs]) * (bf16_bits_to_float(unit ? w[k] : w[k * ws]) * scale);
+  };
   float part[kDotLanes] = {};
   int64_t j = 0;
   for (; j + kDotLanes <= dim; j += kDotLanes) {
 #pragma omp simd
-    for (int l = 0; l < kDotLanes; ++l) {
-      const int64_t k = j + l;
-      part[l] += (unit ? g[k] : g[k * gs]) * (bits_float(static_cast<uint32_t>(unit ? w[k] : w[k * ws]) << 16) * scale);
-    }
+    for (int l = 0; l < kDotLanes; ++l) part[l] += term(j + l);
   }
-  for (int l = 0; j + l < dim; ++l) {
-    const int64_t k = j + l;
-    part[l] += (unit ? g[k] : g[k * gs]) * (bits_float(static_cast<uint32_t>(unit ? w[k] : w[k * ws]) << 16) * scale);
-  }
+  for (int l = 0; j + l < dim; ++l) part[l] += term(j + l);
   for (int width = kDotLanes / 2; width > 0; width /= 2)
     for (int l = 0; l < width; ++l) part[l] += part[l + width];
   return part[0];

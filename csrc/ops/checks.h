@@ -3,6 +3,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 namespace partialfc {
 
 inline bool is_float_type(c10::ScalarType t) {
@@ -25,6 +27,15 @@ inline void check_rows(const at::Tensor& t, int64_t rows, int64_t cols, const ch
 
 inline void check_vector(const at::Tensor& t, int64_t n, const char* name, const char* op) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be [", n, "], got ", t.sizes());
+}
+
+// The margin backward's grad_absmax: float32, one element, on the logits' device.
+inline void check_grad_absmax(const std::optional<at::Tensor>& absmax, const at::Tensor& logits, const char* op) {
+  if (!absmax.has_value()) return;
+  const at::Tensor& a = *absmax;
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.numel() == 1, op, ": grad_absmax must be a float32 tensor of one "
+              "element, got ", a.scalar_type(), " ", a.sizes());
+  TORCH_CHECK(a.device() == logits.device(), op, ": grad_absmax is on ", a.device(), ", logits on ", logits.device());
 }
 
 // subcenter_max: [B, S*K] cosines, K >= 1 dividing the columns.

@@ -8,8 +8,13 @@ TORCH_LIBRARY_FRAGMENT(partialfc, m) {
   m.def("margin_softmax_forward(Tensor(a!) logits, Tensor labels, float s, float m1, float m2, float m3, "
         "float filter_threshold) -> (Tensor, Tensor, Tensor, Tensor)");
   // logits [B, S] (the forward's output) becomes d(sum of losses)/d(cosine) * grad_scale.
+  // grad_absmax (optional, float32, one element on the logits' device) becomes the larger of itself and the
+  // largest |gradient| as stored (in the logits' dtype), NaN when a stored gradient is NaN (ordering
+  // NaN > +inf > finite, as the bits of |x| compare). The head's finiteness check reads it instead of making a
+  // pass over the centers' gradient (partialfc/head/partial_fc.py, CenterGrad.is_finite).
   m.def("margin_softmax_backward(Tensor(a!) logits, Tensor labels, Tensor global_max, Tensor global_sum_exp, "
-        "Tensor target_cos, float s, float m1, float m2, float m3, float grad_scale, float filter_threshold) -> ()");
+        "Tensor target_cos, float s, float m1, float m2, float m3, float grad_scale, float filter_threshold, "
+        "Tensor(b!)? grad_absmax=None) -> ()");
   // The same with per-sample margins (AdaFace) and re-weighted hard negatives (CurricularFace): sample b's
   // target angle gets sample_m2[b] and its target cosine sample_m3[b] on top of (m2, m3); clip_eps > 0 clamps
   // every cosine to [-1 + clip_eps, 1 - clip_eps] and clips the target angle to [clip_eps, pi - clip_eps]
@@ -21,5 +26,5 @@ TORCH_LIBRARY_FRAGMENT(partialfc, m) {
   m.def("margin_softmax_backward_adaptive(Tensor(a!) logits, Tensor labels, Tensor global_max, "
         "Tensor global_sum_exp, Tensor target_cos, float s, float m1, float m2, float m3, float grad_scale, "
         "float filter_threshold, Tensor? sample_m2, Tensor? sample_m3, float clip_eps, Tensor? hard_threshold, "
-        "float hard_t) -> ()");
+        "float hard_t, Tensor(b!)? grad_absmax=None) -> ()");
 }

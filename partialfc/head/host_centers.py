@@ -238,7 +238,7 @@ class HostCenterGrad(CenterGrad):
         self._device_grad = self._host_grad = value
         self._copied = None
 
-    def add(self, grad_logits, features):
+    def add(self, grad_logits, features, grad_absmax=None):
         """As ``CenterGrad.add``, on the compute device; then the copy to the host starts."""
         if self._copied is not None:
             # The previous micro-batch's copy still reads the gradient this one adds into.
@@ -248,10 +248,11 @@ class HostCenterGrad(CenterGrad):
                                lambda shape, dtype: compute_ops.empty("grad_centers", shape, dtype))
         self._device_grad = grad
         self._host_grad, self._copied = self.stage.owner.copy_to_host(grad)
+        self.note_bound(grad_logits, features, grad_absmax)
         self.applied = False
 
     def is_finite(self):
-        return self._device_grad is None or all_finite(self._device_grad)
+        return self._device_grad is None or self.bounded_below_overflow() or all_finite(self._device_grad)
 
     def rows(self):
         """The gradient of the raw rows ``weight[index]`` [S, D] on the host (a new tensor), or None before

@@ -66,6 +66,7 @@ class CenterGrad:
         self.centers = self.inv_norm = None  # [S, D] compute dtype, [S]: set by the forward
         self.normalized_grad = None  # [S, D]: set by the backward
         self.applied = False  # whether an optimizer step consumed it (the table has moved since)
+        self._clear_bound()
         # Autograd runs a Function's backward only when an input requires grad. The centers' gradient is not
         # an autograd tensor, so this empty leaf stands for it: the loss is differentiable even when the
         # embeddings are not (a head trained on fixed features).
@@ -73,9 +74,11 @@ class CenterGrad:
 
     stage = None  # host-resident centers: the HostStage that gathers this sample's rows (host_centers.py)
 
-    def add(self, grad_logits, features):
-        """Add ``grad_logits^T @ features`` ([S, B] @ [B, D]), the gradient of the normalized centers."""
+    def add(self, grad_logits, features, grad_absmax=None):
+        """Add ``grad_logits^T @ features`` ([S, B] @ [B, D]), the gradient of the normalized centers.
+        ``grad_absmax``: the margin backward's largest ``|grad_logits|`` (see ``is_finite``)."""
         self.normalized_grad = self.accumulate(self.normalized_grad, grad_logits, features, self._new_grad)
+        self.note_bound(grad_logits, features, grad_absmax)
         self.applied = False
 
     def _new_grad(self, shape, dtype):
@@ -85,10 +88,16 @@ class CenterGrad:
         return self.table.empty("grad_centers", shape, dtype)
 
     def accumulate(self, grad, grad_logits, features, new_buffer):
-        """``grad + grad_logits^T @ features`` [S, D] in the accumulation dtype, in place; ``grad`` None: into
-        ``new_buffer(shape, dtype)``. A low-precision product is formed in its dtype and added in float32."""
+        """``grad + grad_logits^T @ features`` [S, D], in place; ``grad`` None: into ``new_buffer(shape,
+        dtype)``. The gradient is held in the accumulation dtype, a low-precision product formed in its dtype
+        and added in float32; under ``reuse_centers`` (one product, nothing to add up) a low-precision product
+        is held as the GEMM writes it, over the centers: the same values in half the bytes, and no second
+        [S, D] buffer."""
         acc = self.inv_norm.dtype
         if grad is None:
+            if grad_logits.dtype != acc and self.reuse_centers:
+                grad = new_buffer(self.centers.shape, grad_logits.dtype)
+                return torch.mm(grad_logits.t(), features, out=grad)
             grad = new_buffer(self.centers.shape, acc)
             if grad_logits.dtype == acc:
                 torch.mm(grad_logits.t(), features, out=grad)
@@ -102,10 +111,48 @@ class CenterGrad:
 
     def clear(self):
         self.normalized_grad = None
+        self._clear_bound()
+
+    # The finiteness check. The gradient is sum_b grad_logits[b, j] * features[b, :], so its magnitude is at
+    # most (rows added) * max|grad_logits| * max|features|; the margin backward folds max|grad_logits| into
+    # grad_absmax as it writes them (NaN if one is NaN), and max|features| is one small [B, D] reduction. When
+    # that bound stays below half the largest value of the product's dtype, no element can have overflowed,
+    # and a 4-byte read replaces a pass over the [S, D] gradient. Otherwise (a non-finite or huge gradient of
+    # the logits: a bad batch, fp16 loss scaling) the gradient itself is checked.
+
+    def _clear_bound(self):
+        self.grad_absmax = None  # float32 [1] on the compute device, for the margin backward to fold into
+        self._feature_absmax = None
+        self._bound_rows = 0
+        self._bound_limit = math.inf
+        self._bounded = True  # every add came with the margin backward's grad_absmax
+
+    def absmax_buffer(self, device):
+        """The margin backward's ``grad_absmax`` for this gradient, zero before its first backward."""
+        if self.grad_absmax is None:
+            self.grad_absmax = torch.zeros(1, dtype=torch.float32, device=device)
+        return self.grad_absmax
+
+    def note_bound(self, grad_logits, features, grad_absmax):
+        if grad_absmax is None:
+            self._bounded = False
+            return
+        largest = features.detach().abs().amax().to(torch.float32)
+        self._feature_absmax = largest if self._feature_absmax is None else torch.maximum(self._feature_absmax,
+                                                                                           largest)
+        self._bound_rows += features.shape[0]
+        self._bound_limit = min(self._bound_limit, torch.finfo(grad_logits.dtype).max / 2)
+
+    def bounded_below_overflow(self):
+        """Whether the bound above proves every element finite (one read of a device scalar)."""
+        if not self._bounded or self.grad_absmax is None or self._feature_absmax is None:
+            return False
+        bound = float((self.grad_absmax * self._feature_absmax).item()) * self._bound_rows
+        return bound <= self._bound_limit  # False for NaN and inf
 
     def is_finite(self):
         """Whether the gradient is finite (True when there is none)."""
-        return self.normalized_grad is None or all_finite(self.normalized_grad)
+        return self.normalized_grad is None or self.bounded_below_overflow() or all_finite(self.normalized_grad)
 
     def rows(self):
         """The gradient of the raw rows ``weight[index]`` [S, D] (a new tensor), or None before backward."""
@@ -115,10 +162,11 @@ class CenterGrad:
         if centers is None:  # reuse_centers: the forward's rows, recomputed from the table
             if self.applied:
                 raise RuntimeError("a second optimizer step on one backward's gradient needs the forward's "
-                                   "normalized centers, which a bfloat16/float16 table's step overwrites with "
-                                   "their gradient to save memory: run forward and backward again")
+                                   "normalized centers, which a step with a bfloat16/float16 table or compute "
+                                   "dtype overwrites with their gradient to save memory: run forward and "
+                                   "backward again")
             centers = self.weight.index_select(0, self.index).to(self.inv_norm.dtype).mul_(self.inv_norm[:, None])
-        out = torch.empty_like(self.normalized_grad)
+        out = torch.empty_like(self.normalized_grad, dtype=self.inv_norm.dtype)  # held in bf16 under reuse_centers
         self.table.gather_normalize_backward_out(self.normalized_grad, centers, self.inv_norm, out)
         return out
 
@@ -212,9 +260,10 @@ class MarginSoftmaxLoss(torch.autograd.Function):
     sampled centers ``weight[center_grad.index]``, whose classes are spread over the ranks.
 
     Backward returns the gradient of ``features`` and adds the gradient of the sampled centers into
-    ``center_grad``. The GEMMs run in the features' dtype; the statistics and the centers' gradient in the
-    accumulation dtype; the logits and their gradient in the accumulation dtype, or in place in the features'
-    low-precision dtype where the table says so (``OpTable.margin_in_compute_dtype``).
+    ``center_grad``. The GEMMs run in the features' dtype; the statistics in the accumulation dtype, and the
+    centers' gradient too, or in the product's dtype over the centers (``CenterGrad.reuse_centers``); the logits
+    and their gradient in the accumulation dtype, or in place in the features' low-precision dtype where the
+    table says so (``OpTable.margin_in_compute_dtype``).
     """
 
     @staticmethod
@@ -280,13 +329,15 @@ class MarginSoftmaxLoss(torch.autograd.Function):
             # In place over the logits: (softmax - onehot) * s, times the margin's derivative on the target
             # column, times d(loss)/d(mean) / B.
             grad_scale = float(grad_loss) / target.shape[0]
+            # The largest |gradient| written, for the finiteness check (CenterGrad.is_finite).
+            grad_absmax = ctx.center_grad.absmax_buffer(logits.device)  # [1]
             if ctx.adaptive_kwargs is None:
                 table.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                                              grad_scale, ctx.filter_threshold)
+                                              grad_scale, ctx.filter_threshold, grad_absmax)
             else:
                 table.margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1,
                                                        m2, m3, grad_scale, ctx.filter_threshold,
-                                                       **ctx.adaptive_kwargs)
+                                                       **ctx.adaptive_kwargs, grad_absmax=grad_absmax)
             grad_logits = logits  # [B, S]
             num_subcenters, argmax = ctx.subcenters
             if argmax is not None:
@@ -294,7 +345,7 @@ class MarginSoftmaxLoss(torch.autograd.Function):
             if features.dtype != grad_logits.dtype:
                 grad_logits = table.empty_logits("logits_lowp", *grad_logits.shape, features.dtype).copy_(grad_logits)
             grad_features = torch.mm(grad_logits, centers) if ctx.needs_input_grad[0] else None  # [B, D]
-            ctx.center_grad.add(grad_logits, features)  # [S, D]
+            ctx.center_grad.add(grad_logits, features, grad_absmax)  # [S, D]
         return grad_features, None, None, None, None, None, None, None, None, None, None
 
 
@@ -441,6 +492,7 @@ class PartialFC(nn.Module):
 
     def forward(self, local_embeddings, local_labels):
         labels = self._gather_labels(local_embeddings, local_labels)  # [B] global class ids
+        compute = compute_dtype(local_embeddings, self.weight)  # the GEMMs' dtype
         if self.holding_sample:
             # Micro-batches of one optimizer step share the sample, so their center gradients add up.
             index = self.center_grad.identities
@@ -450,11 +502,13 @@ class PartialFC(nn.Module):
             if self.host_centers is not None:
                 self.center_grad = self.host_centers.center_grad(self.weight, self.subcenter_rows(index), index)
             else:
+                # One backward, nothing to add up: a low-precision step writes the gradient over its centers.
                 self.center_grad = CenterGrad(self.subcenter_rows(index), self.ops, index,
-                                              reuse_centers=is_low_precision(self.weight.dtype))
+                                              reuse_centers=is_low_precision(self.weight.dtype)
+                                              or is_low_precision(compute))
         embeddings = allgather_with_grad(local_embeddings, self.comm)  # [B, D]
         features = F.normalize(embeddings.to(accumulation_dtype(self.weight.dtype)), dim=1)
-        features = features.to(compute_dtype(embeddings, self.weight))  # [B, D]
+        features = features.to(compute)  # [B, D]
         margin, adaptive = self.margin, self._adaptive_args(embeddings)
         if adaptive is not None:
             margin = self.margin.scalars

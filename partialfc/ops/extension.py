@@ -118,7 +118,7 @@ if _C is not None:
 
     @torch.library.register_fake(lib + "margin_softmax_backward")
     def _margin_softmax_backward_fake(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                                      grad_scale, filter_threshold):
+                                      grad_scale, filter_threshold, grad_absmax=None):
         return None
 
     # The adaptive margin ops (AdaFace, CurricularFace) exist in extensions built from these sources; an older
@@ -132,7 +132,7 @@ if _C is not None:
         @torch.library.register_fake(lib + "margin_softmax_backward_adaptive")
         def _margin_softmax_backward_adaptive_fake(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2,
                                                    m3, grad_scale, filter_threshold, sample_m2, sample_m3, clip_eps,
-                                                   hard_threshold, hard_t):
+                                                   hard_threshold, hard_t, grad_absmax=None):
             return None
 
     @torch.library.register_fake(lib + "sparse_sgd_update")

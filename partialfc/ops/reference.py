@@ -178,14 +178,26 @@ def margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold=0
     return row_max, sum_exp, target_logit, target_cos
 
 
+def fold_grad_absmax_ref(grad_absmax, grad):
+    """``grad_absmax`` (float32, one element) becomes the larger of itself and the largest ``|grad|`` as
+    stored, NaN when ``grad`` holds a NaN (the margin backward's ``grad_absmax`` argument)."""
+    if grad_absmax is None or grad.numel() == 0:
+        return
+    if grad_absmax.dtype != torch.float32 or grad_absmax.numel() != 1:
+        raise RuntimeError(f"grad_absmax must be a float32 tensor of one element, got {grad_absmax.dtype} "
+                           f"{list(grad_absmax.shape)}")
+    largest = grad.abs().amax().to(torch.float32)  # amax propagates NaN
+    grad_absmax.copy_(torch.maximum(grad_absmax.abs(), largest).reshape(grad_absmax.shape))
+
+
 def margin_softmax_backward_ref(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                                grad_scale, filter_threshold=0.0):
+                                grad_scale, filter_threshold=0.0, grad_absmax=None):
     """In place on the scaled logits ``[B, S]`` of the forward: ``d loss_sum / d cosine * grad_scale``.
 
     ``grad[b, j] = (softmax[b, j] - onehot[b, j]) * s * grad_scale``, times ``df/dt`` on the target column.
     With filtering, the dropped logits (exactly 0 after the forward) get no gradient. bfloat16 / float16 logits
     are computed in float32 and the gradient stored rounded once. A row with NaN statistics gets NaN
-    gradients (the dropped logits keep 0).
+    gradients (the dropped logits keep 0). ``grad_absmax``: see ``fold_grad_absmax_ref``.
     """
     grad = logits.to(accumulation_dtype(logits.dtype))  # logits itself when they hold the accumulation dtype
     rows = torch.nonzero(labels >= 0).squeeze(1)
@@ -203,6 +215,7 @@ def margin_softmax_backward_ref(logits, labels, global_max, global_sum_exp, targ
     grad.mul_(s * grad_scale)
     if grad is not logits:
         logits.copy_(grad)
+    fold_grad_absmax_ref(grad_absmax, logits)
     return logits
 
 
@@ -290,7 +303,7 @@ def margin_softmax_forward_adaptive_ref(logits, labels, s, m1, m2, m3, filter_th
 
 def margin_softmax_backward_adaptive_ref(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
                                          grad_scale, filter_threshold=0.0, sample_m2=None, sample_m3=None,
-                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0):
+                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0, grad_absmax=None):
     """In place on the forward's buffer: ``d loss_sum / d cosine * grad_scale`` for the adaptive margins. A
     re-weighted negative's gradient has the factor ``hard_t + 2 c``; dropped (filtered) entries and, with
     ``clip_eps > 0``, cosines on the clamp get none."""
@@ -318,6 +331,7 @@ def margin_softmax_backward_adaptive_ref(logits, labels, global_max, global_sum_
     target_p = torch.exp(value * s - global_max[rows]) / global_sum_exp[rows]
     grad[rows, cols] = (target_p - 1.0) * deriv
     logits.copy_(grad.masked_fill(no_grad, 0.0).mul_(s * grad_scale))
+    fold_grad_absmax_ref(grad_absmax, logits)
     return logits
 
 

@@ -9,12 +9,12 @@ underneath. Every table offers the same signatures, the ``_out`` and in-place fo
     margin_softmax_forward(logits [B, S], target, s, m1, m2, m3, filter_threshold)     (in place)
         -> (row_max, sum_exp, target_logit, target_cos), each [B]
     margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                            grad_scale, filter_threshold)                               (in place)
+                            grad_scale, filter_threshold, grad_absmax=None)             (in place)
     margin_softmax_forward_adaptive(logits, target, s, m1, m2, m3, filter_threshold, sample_m2, sample_m3,
                                     clip_eps, hard_threshold, hard_t)                   (in place)
     margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
                                      grad_scale, filter_threshold, sample_m2, sample_m3, clip_eps,
-                                     hard_threshold, hard_t)                            (in place)
+                                     hard_threshold, hard_t, grad_absmax=None)          (in place)
     subcenter_max(cosines [B, S*K], num_subcenters) -> (values [B, S], argmax [B, S])  (sub-centers, K > 1)
     subcenter_max_backward(grad [B, S], argmax, num_subcenters) -> [B, S*K]
     sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay)
@@ -129,6 +129,17 @@ def _rounding_args(rounding_seed, rounding_step, class_start):
     return int(rounding_seed), int(rounding_step), int(class_start)
 
 
+def _absmax_args(op_name, grad_absmax):
+    """The margin backward ops' trailing ``grad_absmax``; none when not asked for, so an extension built before
+    it existed still runs the backward."""
+    if grad_absmax is None:
+        return ()
+    if not any(a.name == "grad_absmax" for a in getattr(torch.ops.partialfc, op_name).default._schema.arguments):
+        raise RuntimeError(f"partialfc._C's {op_name} has no grad_absmax (built from older sources): rebuild it "
+                           "with `python setup.py build_ext --inplace`, or construct PartialFC(..., use_ext=False)")
+    return (grad_absmax,)
+
+
 def _require_op(name):
     if not hasattr(torch.ops.partialfc, name):
         raise RuntimeError(f"partialfc._C has no op {name} (built from older sources): rebuild it with `python "
@@ -162,10 +173,11 @@ class CompiledOps(OpTable):
 
     @staticmethod
     def margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3, grad_scale,
-                                filter_threshold=0.0):
+                                filter_threshold=0.0, grad_absmax=None):
         torch.ops.partialfc.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, float(s),
                                                     float(m1), float(m2), float(m3), float(grad_scale),
-                                                    float(filter_threshold))
+                                                    float(filter_threshold),
+                                                    *_absmax_args("margin_softmax_backward", grad_absmax))
         return logits
 
     @staticmethod
@@ -179,12 +191,12 @@ class CompiledOps(OpTable):
     @staticmethod
     def margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
                                          grad_scale, filter_threshold=0.0, sample_m2=None, sample_m3=None,
-                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0):
+                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0, grad_absmax=None):
         _require_op("margin_softmax_backward_adaptive")
         torch.ops.partialfc.margin_softmax_backward_adaptive(
             logits, target, global_max, global_sum_exp, target_cos, float(s), float(m1), float(m2), float(m3),
             float(grad_scale), float(filter_threshold), sample_m2, sample_m3, float(clip_eps), hard_threshold,
-            float(hard_t))
+            float(hard_t), *_absmax_args("margin_softmax_backward_adaptive", grad_absmax))
         return logits
 
     @staticmethod

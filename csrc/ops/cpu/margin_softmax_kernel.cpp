@@ -8,11 +8,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "../checks.h"
@@ -242,6 +244,43 @@ template <typename scalar_t>
 inline scalar_t* row_ptr(const at::Tensor& t, int64_t r) {
   return t.data_ptr<scalar_t>() + r * t.stride(0);
 }
+
+// The backward's grad_absmax (see margin_softmax.cpp). Each worker takes the largest abs_bits of a block or
+// row right after writing it, while it is still in cache, so the check costs no pass over memory; the workers'
+// maxima meet in one atomic, and finish() folds in the value the tensor held on entry.
+class GradAbsMax {
+ public:
+  explicit GradAbsMax(const std::optional<at::Tensor>& out)
+      : out_(out.has_value() ? out->data_ptr<float>() : nullptr) {}
+
+  bool wanted() const { return out_ != nullptr; }
+
+  // The largest abs_bits of n values at `stride` (0 for none).
+  template <typename scalar_t>
+  static uint32_t of(const scalar_t* p, int64_t n, int64_t stride) {
+    uint32_t m = 0;
+    if (stride == 1) {
+      for (int64_t i = 0; i < n; ++i) m = std::max(m, abs_bits(static_cast<float>(p[i])));
+    } else {
+      for (int64_t i = 0; i < n; ++i) m = std::max(m, abs_bits(static_cast<float>(p[i * stride])));
+    }
+    return m;
+  }
+
+  void add(uint32_t bits) {
+    uint32_t seen = bits_.load(std::memory_order_relaxed);
+    while (bits > seen && !bits_.compare_exchange_weak(seen, bits, std::memory_order_relaxed)) {
+    }
+  }
+
+  void finish() {
+    if (out_ != nullptr) *out_ = float_from_bits(std::max(abs_bits(*out_), bits_.load()));
+  }
+
+ private:
+  float* out_;
+  std::atomic<uint32_t> bits_{0};
+};
 
 // Half-precision logits: whether a dtype is read into float32 and swept once (online max and sum-exp).
 template <typename scalar_t>
@@ -637,7 +676,7 @@ void forward_cols(at::Tensor& logits, const int64_t* labels, const MarginParams&
 
 template <typename scalar_t>
 void backward_cols(at::Tensor& logits, const int64_t* labels, const at::Tensor& gmax, const at::Tensor& gsum,
-                   const at::Tensor& tcos, const MarginParams& mp, double grad_scale) {
+                   const at::Tensor& tcos, const MarginParams& mp, double grad_scale, GradAbsMax& absmax) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = logits.size(0), cols = logits.size(1);
   scalar_t* base = logits.data_ptr<scalar_t>();
@@ -662,6 +701,7 @@ void backward_cols(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
   }
   const int64_t block = column_block_rows(batch, sizeof(scalar_t));
   at::parallel_for(0, (cols + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    uint32_t local_absmax = 0;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t j0 = c * block, j1 = std::min(cols, j0 + block);
       if constexpr (std::is_same_v<scalar_t, float>) {
@@ -680,7 +720,12 @@ void backward_cols(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
           }
         }
       }
+      // The block's columns are contiguous [j0, j1) x [0, batch), and still in cache.
+      if (absmax.wanted()) {
+        local_absmax = std::max(local_absmax, GradAbsMax::of(base + j0 * batch, (j1 - j0) * batch, 1));
+      }
     }
+    absmax.add(local_absmax);
   });
 }
 
@@ -720,7 +765,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
 
 template <typename scalar_t>
 void backward_rows(at::Tensor& logits, const int64_t* labels, const at::Tensor& gmax, const at::Tensor& gsum,
-                   const at::Tensor& tcos, const MarginParams& mp, double grad_scale) {
+                   const at::Tensor& tcos, const MarginParams& mp, double grad_scale, GradAbsMax& absmax) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = logits.size(0), cols = logits.size(1), cs = logits.stride(1);
   const BackwardArgs<scalar_t> a(gmax, gsum, tcos, mp, grad_scale);
@@ -728,6 +773,7 @@ void backward_rows(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
   const bool plain = a.plain, filter = a.filter;
   const acc_t *gm = a.gm, *gs = a.gs, *tc = a.tc;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    uint32_t local_absmax = 0;
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = row_ptr<scalar_t>(logits, r);
       const int64_t t = labels[r];
@@ -755,15 +801,19 @@ void backward_rows(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
         const acc_t deriv = margin_derivative(static_cast<acc_t>(tc[r]), m1, m2, plain);
         row[t * cs] = static_cast<scalar_t>((target_p - 1) * deriv * scale);
       }
+      if (absmax.wanted()) local_absmax = std::max(local_absmax, GradAbsMax::of(row, cols, cs));
     }
+    absmax.add(local_absmax);
   });
 }
 
 void margin_softmax_backward_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& global_max,
                                  const at::Tensor& global_sum_exp, const at::Tensor& target_cos, double s, double m1,
-                                 double m2, double m3, double grad_scale, double filter_threshold) {
+                                 double m2, double m3, double grad_scale, double filter_threshold,
+                                 const std::optional<at::Tensor>& grad_absmax) {
   const char* op = "margin_softmax_backward";
   check_logits(logits, labels, op);
+  check_grad_absmax(grad_absmax, logits, op);
   const int64_t rows = logits.size(0);
   check_vector(global_max, rows, "global_max", op);
   check_vector(global_sum_exp, rows, "global_sum_exp", op);
@@ -773,13 +823,15 @@ void margin_softmax_backward_cpu(at::Tensor& logits, const at::Tensor& labels, c
   const at::Tensor gm = global_max.to(acc).contiguous(), gs = global_sum_exp.to(acc).contiguous();
   const at::Tensor tc = target_cos.to(acc).contiguous(), lab = labels.contiguous();
   const MarginParams mp{s, m1, m2, m3, filter_threshold};
+  GradAbsMax absmax(grad_absmax);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_backward", [&] {
     if (class_major(logits)) {
-      backward_cols<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, mp, grad_scale);
+      backward_cols<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, mp, grad_scale, absmax);
     } else {
-      backward_rows<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, mp, grad_scale);
+      backward_rows<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, mp, grad_scale, absmax);
     }
   });
+  absmax.finish();
 }
 
 // ---- Adaptive margins (AdaFace, CurricularFace) ----
@@ -850,7 +902,7 @@ void forward_adaptive(at::Tensor& logits, const int64_t* labels, const AdaptiveI
 template <typename scalar_t>
 void backward_adaptive(at::Tensor& logits, const int64_t* labels, const at::Tensor& gmax, const at::Tensor& gsum,
                        const at::Tensor& tcos, const AdaptiveInputs<at::opmath_type<scalar_t>>& in, double grad_scale,
-                       double filter_threshold) {
+                       double filter_threshold, GradAbsMax& absmax) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = logits.size(0), cols = logits.size(1), cs = logits.stride(1);
   const acc_t scale = static_cast<acc_t>(static_cast<double>(in.s) * grad_scale);
@@ -858,6 +910,7 @@ void backward_adaptive(at::Tensor& logits, const int64_t* labels, const at::Tens
   const acc_t *gm = gmax.const_data_ptr<acc_t>(), *gs = gsum.const_data_ptr<acc_t>(),
               *tc = tcos.const_data_ptr<acc_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    uint32_t local_absmax = 0;
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = row_ptr<scalar_t>(logits, r);
       const int64_t t = labels[r];
@@ -887,7 +940,9 @@ void backward_adaptive(at::Tensor& logits, const int64_t* labels, const at::Tens
         }
         row[j * cs] = static_cast<scalar_t>(g);
       }
+      if (absmax.wanted()) local_absmax = std::max(local_absmax, GradAbsMax::of(row, cols, cs));
     }
+    absmax.add(local_absmax);
   });
 }
 
@@ -921,9 +976,11 @@ void margin_softmax_backward_adaptive_cpu(at::Tensor& logits, const at::Tensor& 
                                           double m1, double m2, double m3, double grad_scale, double filter_threshold,
                                           const std::optional<at::Tensor>& sample_m2,
                                           const std::optional<at::Tensor>& sample_m3, double clip_eps,
-                                          const std::optional<at::Tensor>& hard_threshold, double hard_t) {
+                                          const std::optional<at::Tensor>& hard_threshold, double hard_t,
+                                          const std::optional<at::Tensor>& grad_absmax) {
   const char* op = "margin_softmax_backward_adaptive";
   check_logits(logits, labels, op);
+  check_grad_absmax(grad_absmax, logits, op);
   const int64_t rows = logits.size(0);
   check_vector(global_max, rows, "global_max", op);
   check_vector(global_sum_exp, rows, "global_sum_exp", op);
@@ -932,6 +989,7 @@ void margin_softmax_backward_adaptive_cpu(at::Tensor& logits, const at::Tensor& 
   const at::Tensor sm3 = adaptive_vector(sample_m3, logits, "sample_m3", op);
   const at::Tensor hard = adaptive_vector(hard_threshold, logits, "hard_threshold", op);
   const auto dtype = logits.scalar_type();
+  GradAbsMax absmax(grad_absmax);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_backward_adaptive", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = adaptive_inputs<acc_t>(sm2, sm3, hard, s, m1, m2, m3, clip_eps, hard_t, op);
@@ -939,8 +997,10 @@ void margin_softmax_backward_adaptive_cpu(at::Tensor& logits, const at::Tensor& 
     const auto acc = accumulation_type(dtype);
     const at::Tensor gm = global_max.to(acc).contiguous(), gs = global_sum_exp.to(acc).contiguous();
     const at::Tensor tc = target_cos.to(acc).contiguous(), lab = labels.contiguous();
-    backward_adaptive<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, in, grad_scale, filter_threshold);
+    backward_adaptive<scalar_t>(logits, lab.const_data_ptr<int64_t>(), gm, gs, tc, in, grad_scale, filter_threshold,
+                                absmax);
   });
+  absmax.finish();
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
 // CUDA margin-softmax forward and backward, in place on the logits (float32, float64, bfloat16 or float16;
 // arithmetic and statistics in float32, float64 for float64). Forward: for short rows one block per row
 // (transform + max, then sum-exp); for long rows each row split over blocks of one chunk each, swept once with
-// 16-byte loads and an online (max, sum-exp), then a small pass combining the chunks. Backward: one thread per
-// logit, rows on grid.y.
+// 16-byte loads and an online (max, sum-exp), then a small pass combining the chunks. Backward: rows on grid.y,
+// each thread one 16-byte vector of its row when the rows are contiguous and 16-byte aligned, else one logit;
+// with grad_absmax, each block folds the largest |gradient| it stored into it with one atomicMax.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -84,34 +85,6 @@ __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ lab
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs,
-                                int64_t cs, const acc_t* __restrict__ gmax, const acc_t* __restrict__ gsum,
-                                const acc_t* __restrict__ tcos, acc_t s, acc_t m1, acc_t m2, acc_t m3,
-                                acc_t scale, bool plain, bool filter) {
-  const int64_t r = blockIdx.y;
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= cols) return;
-  const int64_t t = labels[r];
-  // t in [-1, cols): checked on the host before the launch
-  scalar_t* p = logits + r * rs + j * cs;
-  const acc_t l = static_cast<acc_t>(*p);
-  acc_t lt = l;  // the target's logit as the forward's statistics took it (see half_precision)
-  if constexpr (half_precision<scalar_t>()) {
-    if (j == t) lt = margin_value(tcos[r], m1, m2, m3, plain) * s;
-  }
-  const acc_t prob = m_exp(lt - gmax[r]) / gsum[r];
-  acc_t g;
-  if (j == t) {
-    g = (prob - acc_t(1)) * margin_derivative(tcos[r], m1, m2, plain) * scale;
-  } else if (filter && l == acc_t(0)) {
-    g = 0;  // a dropped (filtered) logit gets no gradient
-  } else {
-    g = prob * scale;
-  }
-  *p = static_cast<scalar_t>(g);
-}
-
 // Adaptive margins (AdaFace, CurricularFace): the same sweeps with each row's margin from AdaptiveInputs; a
 // re-weighted negative's logit is derived from its stored value in each sweep.
 template <typename scalar_t, typename acc_t>
@@ -166,37 +139,6 @@ __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restr
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void adaptive_backward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols,
-                                         int64_t rs, int64_t cs, const acc_t* __restrict__ gmax,
-                                         const acc_t* __restrict__ gsum, const acc_t* __restrict__ tcos,
-                                         AdaptiveInputs<acc_t> in, acc_t scale, bool filter) {
-  const int64_t r = blockIdx.y;
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= cols) return;
-  const int64_t t = labels[r];
-  // t in [-1, cols): checked on the host before the launch
-  const AdaptiveRow<acc_t> a = in.row(r);
-  scalar_t* p = logits + r * rs + j * cs;
-  const acc_t l = static_cast<acc_t>(*p);
-  const acc_t shift = gmax[r], denom = gsum[r];
-  acc_t g;
-  if (j == t) {
-    acc_t lt = l;  // the target's logit as the forward's statistics took it (see half_precision)
-    if constexpr (half_precision<scalar_t>()) lt = a.target_value(tcos[r]) * a.s;
-    g = (m_exp(lt - shift) / denom - acc_t(1)) * a.target_derivative(tcos[r]) * scale;
-  } else if (filter && l == acc_t(0)) {
-    g = 0;  // a dropped (filtered) logit gets no gradient
-  } else if (a.clip && (l <= static_cast<acc_t>(static_cast<scalar_t>(a.lo * a.s)) ||
-                        l >= static_cast<acc_t>(static_cast<scalar_t>(a.hi * a.s)))) {
-    g = 0;  // a clamped cosine gets no gradient
-  } else {
-    const acc_t logit = a.hard ? static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(l))) : l;
-    g = m_exp(logit - shift) / denom * a.negative_slope(l) * scale;
-  }
-  *p = static_cast<scalar_t>(g);
-}
-
 // ---- Long rows: each row split over blocks, swept once ----
 // A row of S logits is cut into chunks of kChunkVectors 16-byte vectors per thread; block (r, c) transforms
 // chunk c of row r in place (16-byte loads and stores when the row allows) and keeps an online max and
@@ -208,6 +150,7 @@ constexpr int kChunkVectors = 4;
 constexpr int64_t kSplitMinCols = 8192;  // shorter rows: one block per row
 constexpr int kCombineWarps = 4;
 
+// A VEC-element vector of logits, for one 16-byte load and store.
 template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
@@ -390,6 +333,133 @@ __global__ void combine_chunks_kernel(const acc_t* __restrict__ partial_max, con
   }
 }
 
+// ---- Backward: the gradient in place, rows on grid.y ----
+
+// One row's gradient for the fixed margins: op(j, l) is the gradient of column j whose stored logit is l.
+template <typename scalar_t, typename acc_t>
+struct FixedGradRow {
+  acc_t shift, denom, tc, s, m1, m2, m3, scale;
+  bool plain, filter;
+  int64_t t;
+  __device__ __forceinline__ acc_t operator()(int64_t j, acc_t l) const {
+    acc_t lt = l;  // the target's logit as the forward's statistics took it (see half_precision)
+    if constexpr (half_precision<scalar_t>()) {
+      if (j == t) lt = margin_value(tc, m1, m2, m3, plain) * s;
+    }
+    const acc_t prob = m_exp(lt - shift) / denom;
+    if (j == t) return (prob - acc_t(1)) * margin_derivative(tc, m1, m2, plain) * scale;
+    if (filter && l == acc_t(0)) return acc_t(0);  // a dropped (filtered) logit gets no gradient
+    return prob * scale;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct FixedGrad {
+  acc_t s, m1, m2, m3, scale;
+  bool plain, filter;
+  __device__ FixedGradRow<scalar_t, acc_t> row(int64_t, int64_t t, acc_t shift, acc_t denom, acc_t tc) const {
+    return {shift, denom, tc, s, m1, m2, m3, scale, plain, filter, t};
+  }
+};
+
+// Adaptive margins (AdaFace, CurricularFace): each row's margin from AdaptiveInputs; a re-weighted negative's
+// logit is derived from its stored value.
+template <typename scalar_t, typename acc_t>
+struct AdaptiveGradRow {
+  AdaptiveRow<acc_t> a;
+  acc_t shift, denom, tc, scale;
+  bool filter;
+  int64_t t;
+  __device__ __forceinline__ acc_t operator()(int64_t j, acc_t l) const {
+    if (j == t) {
+      acc_t lt = l;  // the target's logit as the forward's statistics took it (see half_precision)
+      if constexpr (half_precision<scalar_t>()) lt = a.target_value(tc) * a.s;
+      return (m_exp(lt - shift) / denom - acc_t(1)) * a.target_derivative(tc) * scale;
+    }
+    if (filter && l == acc_t(0)) return acc_t(0);  // a dropped (filtered) logit gets no gradient
+    if (a.clip && (l <= static_cast<acc_t>(static_cast<scalar_t>(a.lo * a.s)) ||
+                   l >= static_cast<acc_t>(static_cast<scalar_t>(a.hi * a.s))))
+      return acc_t(0);  // a clamped cosine gets no gradient
+    const acc_t logit = a.hard ? static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(l))) : l;
+    return m_exp(logit - shift) / denom * a.negative_slope(l) * scale;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct AdaptiveGrad {
+  AdaptiveInputs<acc_t> in;
+  acc_t scale;
+  bool filter;
+  __device__ AdaptiveGradRow<scalar_t, acc_t> row(int64_t r, int64_t t, acc_t shift, acc_t denom, acc_t tc) const {
+    return {in.row(r), shift, denom, tc, scale, filter, t};
+  }
+};
+
+// Max over the warp with shuffles: __reduce_max_sync needs sm_80, and the build also targets sm_75.
+__device__ __forceinline__ uint32_t warp_max_bits(uint32_t v) {
+#pragma unroll
+  for (int offset = cuda::kWarp / 2; offset > 0; offset >>= 1) {
+    const uint32_t o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// Folds the block's largest abs_bits into *absmax with one atomicMax. An integer max on the bits is the
+// grad_absmax order (finite < inf < NaN) because the entry value is non-negative or NaN. A block that stored
+// only zeros cannot raise it and makes no atomic. Has a barrier: every thread of the block must call it.
+__device__ __forceinline__ void block_absmax(uint32_t local, uint32_t* absmax) {
+  constexpr int warps = kLogitThreads / cuda::kWarp;
+  __shared__ uint32_t scratch[warps];
+  const int lane = threadIdx.x % cuda::kWarp, warp = threadIdx.x / cuda::kWarp;
+  local = warp_max_bits(local);
+  if (lane == 0) scratch[warp] = local;
+  __syncthreads();
+  if (warp == 0) {
+    local = warp_max_bits(lane < warps ? scratch[lane] : 0u);
+    if (lane == 0 && local != 0) atomicMax(reinterpret_cast<unsigned int*>(absmax), local);
+  }
+}
+
+// Block (x, r = blockIdx.y): kLogitThreads * VEC consecutive logits of row r, VEC per thread. VEC > 1: rows
+// contiguous and 16-byte aligned (checked on the host), one 16-byte load and store per thread, the row's last
+// partial vector element by element; VEC == 1: any strides. absmax: grad_absmax's bits, or nullptr.
+template <typename scalar_t, typename acc_t, int VEC, typename Grad>
+__global__ void __launch_bounds__(kLogitThreads)
+    backward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs, int64_t cs,
+                    const acc_t* __restrict__ gmax, const acc_t* __restrict__ gsum, const acc_t* __restrict__ tcos,
+                    Grad grad, uint32_t* absmax) {
+  const int64_t r = blockIdx.y;
+  const int64_t t = labels[r];
+  // t in [-1, cols): checked on the host before the launch
+  const auto op = grad.row(r, t, gmax[r], gsum[r], tcos[r]);
+  scalar_t* row = logits + r * rs;
+  const bool track = absmax != nullptr;  // uniform over the grid
+  uint32_t local = 0;                    // the largest abs_bits of the gradients this thread stored
+  auto visit = [&](int64_t j, scalar_t& x) {
+    x = static_cast<scalar_t>(op(j, static_cast<acc_t>(x)));
+    if (track) {
+      const uint32_t b = abs_bits(static_cast<float>(x));  // as stored, rounded to the logits' dtype
+      local = b > local ? b : local;
+    }
+  };
+  const int64_t j = (static_cast<int64_t>(blockIdx.x) * kLogitThreads + threadIdx.x) * VEC;
+  if constexpr (VEC > 1) {
+    if (j + VEC <= cols) {
+      Pack<scalar_t, VEC> p = *reinterpret_cast<const Pack<scalar_t, VEC>*>(row + j);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) visit(j + k, p.v[k]);
+      *reinterpret_cast<Pack<scalar_t, VEC>*>(row + j) = p;
+    } else {
+      for (int64_t k = j; k < cols; ++k) visit(k, row[k]);
+    }
+  } else if (j < cols) {
+    visit(j, row[j * cs]);
+  }
+  // No thread has returned early, so all of them reach block_absmax's barrier.
+  if (track) block_absmax(local, absmax);
+}
+
 // Launches the split forward: 16-byte loads when every row starts on a 16-byte boundary and is contiguous.
 template <typename scalar_t, typename acc_t, typename Margin>
 void launch_split_forward(at::Tensor& logits, const at::Tensor& lab, const Margin& margin, at::Tensor& row_max,
@@ -422,6 +492,34 @@ void launch_split_forward(at::Tensor& logits, const at::Tensor& lab, const Margi
       pmax, psum, lab.const_data_ptr<int64_t>(), rows, chunks, row_max.data_ptr<acc_t>(), sum_exp.data_ptr<acc_t>(),
       target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Launches the backward: 16-byte vectors when every row starts on a 16-byte boundary and is contiguous.
+// absmax: grad_absmax's bits, or nullptr.
+template <typename scalar_t, typename acc_t, typename Grad>
+void launch_backward(at::Tensor& logits, const at::Tensor& lab, const at::Tensor& gm, const at::Tensor& gs,
+                     const at::Tensor& tc, const Grad& grad, uint32_t* absmax, cudaStream_t stream) {
+  constexpr int vec = 16 / sizeof(scalar_t);
+  const int64_t rows = logits.size(0), cols = logits.size(1), rs = logits.stride(0), cs = logits.stride(1);
+  const bool vectorized = cs == 1 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
+                          (rs * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0;
+  const int64_t per_block = static_cast<int64_t>(kLogitThreads) * (vectorized ? vec : 1);
+  const dim3 grid(static_cast<unsigned>(cuda::ceil_div(cols, per_block)), static_cast<unsigned>(rows));
+  if (vectorized) {
+    backward_kernel<scalar_t, acc_t, vec, Grad><<<grid, kLogitThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, rs, cs, gm.const_data_ptr<acc_t>(),
+        gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), grad, absmax);
+  } else {
+    backward_kernel<scalar_t, acc_t, 1, Grad><<<grid, kLogitThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, rs, cs, gm.const_data_ptr<acc_t>(),
+        gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), grad, absmax);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// grad_absmax's float32 as the bits the kernels' atomicMax works on; nullptr when absent.
+uint32_t* absmax_bits(const std::optional<at::Tensor>& grad_absmax) {
+  return grad_absmax.has_value() ? reinterpret_cast<uint32_t*>(grad_absmax->data_ptr<float>()) : nullptr;
 }
 
 // The combined statistics come from a collective; on another device the kernel would read host or peer memory.
@@ -484,9 +582,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
 
 void margin_softmax_backward_cuda(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& global_max,
                                   const at::Tensor& global_sum_exp, const at::Tensor& target_cos, double s, double m1,
-                                  double m2, double m3, double grad_scale, double filter_threshold) {
+                                  double m2, double m3, double grad_scale, double filter_threshold,
+                                  const std::optional<at::Tensor>& grad_absmax) {
   const char* op = "margin_softmax_backward";
   check_logits(logits, labels, op);
+  check_grad_absmax(grad_absmax, logits, op);
   const int64_t rows = logits.size(0), cols = logits.size(1);
   check_vector(global_max, rows, "global_max", op);
   check_vector(global_sum_exp, rows, "global_sum_exp", op);
@@ -501,15 +601,12 @@ void margin_softmax_backward_cuda(at::Tensor& logits, const at::Tensor& labels, 
   const at::Tensor gm = global_max.to(acc).contiguous(), gs = global_sum_exp.to(acc).contiguous();
   const at::Tensor tc = target_cos.to(acc).contiguous(), lab = labels.contiguous();
   const MarginParams mp{s, m1, m2, m3, filter_threshold};
-  const dim3 grid(static_cast<unsigned>(cuda::ceil_div(cols, kLogitThreads)), static_cast<unsigned>(rows));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "margin_softmax_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_kernel<scalar_t, acc_t><<<grid, kLogitThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1),
-        gm.const_data_ptr<acc_t>(), gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), static_cast<acc_t>(s),
-        static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(m3), static_cast<acc_t>(s * grad_scale),
-        mp.plain(), filter_threshold > 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const FixedGrad<scalar_t, acc_t> grad{static_cast<acc_t>(s), static_cast<acc_t>(m1), static_cast<acc_t>(m2),
+                                          static_cast<acc_t>(m3), static_cast<acc_t>(s * grad_scale), mp.plain(),
+                                          filter_threshold > 0};
+    launch_backward<scalar_t, acc_t>(logits, lab, gm, gs, tc, grad, absmax_bits(grad_absmax), stream);
   });
 }
 
@@ -553,9 +650,11 @@ void margin_softmax_backward_adaptive_cuda(at::Tensor& logits, const at::Tensor&
                                            double m1, double m2, double m3, double grad_scale, double filter_threshold,
                                            const std::optional<at::Tensor>& sample_m2,
                                            const std::optional<at::Tensor>& sample_m3, double clip_eps,
-                                           const std::optional<at::Tensor>& hard_threshold, double hard_t) {
+                                           const std::optional<at::Tensor>& hard_threshold, double hard_t,
+                                           const std::optional<at::Tensor>& grad_absmax) {
   const char* op = "margin_softmax_backward_adaptive";
   check_logits(logits, labels, op);
+  check_grad_absmax(grad_absmax, logits, op);
   const int64_t rows = logits.size(0), cols = logits.size(1);
   check_vector(global_max, rows, "global_max", op);
   check_vector(global_sum_exp, rows, "global_sum_exp", op);
@@ -576,12 +675,8 @@ void margin_softmax_backward_adaptive_cuda(at::Tensor& logits, const at::Tensor&
     const auto acc = accumulation_type(dtype);
     const at::Tensor gm = global_max.to(acc).contiguous(), gs = global_sum_exp.to(acc).contiguous();
     const at::Tensor tc = target_cos.to(acc).contiguous(), lab = labels.contiguous();
-    const dim3 grid(static_cast<unsigned>(cuda::ceil_div(cols, kLogitThreads)), static_cast<unsigned>(rows));
-    adaptive_backward_kernel<scalar_t, acc_t><<<grid, kLogitThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1),
-        gm.const_data_ptr<acc_t>(), gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), in,
-        static_cast<acc_t>(s * grad_scale), filter_threshold > 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const AdaptiveGrad<scalar_t, acc_t> grad{in, static_cast<acc_t>(s * grad_scale), filter_threshold > 0};
+    launch_backward<scalar_t, acc_t>(logits, lab, gm, gs, tc, grad, absmax_bits(grad_absmax), stream);
   });
 }
 

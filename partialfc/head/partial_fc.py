@@ -295,15 +295,17 @@ class MarginSoftmaxLoss(torch.autograd.Function):
                 # Sub-center ArcFace: an identity's cosine is its nearest sub-center's [B, S]; the margin softmax
                 # runs on those, and the backward sends each gradient to that sub-center (argmax [B, S]).
                 logits, argmax = table.subcenter_max(logits, num_subcenters)
-            # In place: clamp, margin on the target column, scale; one online pass for the row statistics.
+            # Clamp, margin on the target column, scale, in place (or, where the table says so, read only: the
+            # backward derives the logits from the cosines again); one online pass for the row statistics.
             adaptive_kwargs = None
+            store = not table.margin_reads_cosines
             if adaptive is None:
                 row_max, sum_exp, target_logit, target_cos = table.margin_softmax_forward(
-                    logits, target, s, m1, m2, m3, filter_threshold)  # each [B]
+                    logits, target, s, m1, m2, m3, filter_threshold, store_logits=store)  # each [B]
             else:
                 adaptive_kwargs = adaptive.resolve(logits, target, comm)
                 row_max, sum_exp, target_logit, target_cos = table.margin_softmax_forward_adaptive(
-                    logits, target, s, m1, m2, m3, filter_threshold, **adaptive_kwargs)
+                    logits, target, s, m1, m2, m3, filter_threshold, **adaptive_kwargs, store_logits=store)
             loss, global_max, global_sum_exp = combine_statistics(comm, row_max, sum_exp, target_logit)
         center_grad.centers, center_grad.inv_norm, center_grad.weight = centers, inv_norm, weight
         table.generation += 1
@@ -331,13 +333,15 @@ class MarginSoftmaxLoss(torch.autograd.Function):
             grad_scale = float(grad_loss) / target.shape[0]
             # The largest |gradient| written, for the finiteness check (CenterGrad.is_finite).
             grad_absmax = ctx.center_grad.absmax_buffer(logits.device)  # [1]
+            from_cosines = table.margin_reads_cosines  # the forward left the cosines
             if ctx.adaptive_kwargs is None:
                 table.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                                              grad_scale, ctx.filter_threshold, grad_absmax)
+                                              grad_scale, ctx.filter_threshold, grad_absmax, from_cosines)
             else:
                 table.margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1,
                                                        m2, m3, grad_scale, ctx.filter_threshold,
-                                                       **ctx.adaptive_kwargs, grad_absmax=grad_absmax)
+                                                       **ctx.adaptive_kwargs, grad_absmax=grad_absmax,
+                                                       from_cosines=from_cosines)
             grad_logits = logits  # [B, S]
             num_subcenters, argmax = ctx.subcenters
             if argmax is not None:

@@ -113,12 +113,12 @@ if _C is not None:
         return tuple(logits.new_empty((logits.shape[0],), dtype=dtype) for _ in range(4))
 
     @torch.library.register_fake(lib + "margin_softmax_forward")
-    def _margin_softmax_forward_fake(logits, labels, s, m1, m2, m3, filter_threshold):
+    def _margin_softmax_forward_fake(logits, labels, s, m1, m2, m3, filter_threshold, store_logits=True):
         return _row_statistics_fake(logits)
 
     @torch.library.register_fake(lib + "margin_softmax_backward")
     def _margin_softmax_backward_fake(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                                      grad_scale, filter_threshold, grad_absmax=None):
+                                      grad_scale, filter_threshold, grad_absmax=None, from_cosines=False):
         return None
 
     # The adaptive margin ops (AdaFace, CurricularFace) exist in extensions built from these sources; an older
@@ -126,13 +126,13 @@ if _C is not None:
     if hasattr(torch.ops.partialfc, "margin_softmax_forward_adaptive"):
         @torch.library.register_fake(lib + "margin_softmax_forward_adaptive")
         def _margin_softmax_forward_adaptive_fake(logits, labels, s, m1, m2, m3, filter_threshold, sample_m2,
-                                                  sample_m3, clip_eps, hard_threshold, hard_t):
+                                                  sample_m3, clip_eps, hard_threshold, hard_t, store_logits=True):
             return _row_statistics_fake(logits)
 
         @torch.library.register_fake(lib + "margin_softmax_backward_adaptive")
         def _margin_softmax_backward_adaptive_fake(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2,
                                                    m3, grad_scale, filter_threshold, sample_m2, sample_m3, clip_eps,
-                                                   hard_threshold, hard_t, grad_absmax=None):
+                                                   hard_threshold, hard_t, grad_absmax=None, from_cosines=False):
             return None
 
     @torch.library.register_fake(lib + "sparse_sgd_update")

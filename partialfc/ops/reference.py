@@ -135,7 +135,7 @@ def _margin_and_derivative(t, m1, m2, m3):
     return value, deriv
 
 
-def margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold=0.0):
+def margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold=0.0, store_logits=True):
     """In place on ``logits [B, S]`` (cosines): clamp, margin on the target column, optional inter-class
     filtering, scale by ``s``. Returns the per-row statistics the distributed combine needs:
     ``(row_max [B], sum_exp [B] relative to row_max, target_logit [B], target_cos [B])``; the last two are 0
@@ -147,7 +147,12 @@ def margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold=0
     which would move every probability of the row by up to 13%; the backward recomputes it from
     ``target_cos``. NaN rule: a NaN in a row makes its row max, sum-exp (and so its loss) NaN; a cosine of
     +-inf is clamped to +-1 like any other.
+
+    ``store_logits=False``: ``logits`` keep the cosines (the same statistics); the backward then takes
+    ``from_cosines=True``.
     """
+    if not store_logits:
+        return margin_softmax_forward_ref(logits.clone(), labels, s, m1, m2, m3, filter_threshold)
     acc = accumulation_dtype(logits.dtype)
     cosines = logits.to(acc).clamp_(-1.0, 1.0)  # logits itself when they hold the accumulation dtype
     rows = torch.nonzero(labels >= 0).squeeze(1)
@@ -191,14 +196,18 @@ def fold_grad_absmax_ref(grad_absmax, grad):
 
 
 def margin_softmax_backward_ref(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                                grad_scale, filter_threshold=0.0, grad_absmax=None):
+                                grad_scale, filter_threshold=0.0, grad_absmax=None, from_cosines=False):
     """In place on the scaled logits ``[B, S]`` of the forward: ``d loss_sum / d cosine * grad_scale``.
 
     ``grad[b, j] = (softmax[b, j] - onehot[b, j]) * s * grad_scale``, times ``df/dt`` on the target column.
     With filtering, the dropped logits (exactly 0 after the forward) get no gradient. bfloat16 / float16 logits
     are computed in float32 and the gradient stored rounded once. A row with NaN statistics gets NaN
-    gradients (the dropped logits keep 0). ``grad_absmax``: see ``fold_grad_absmax_ref``.
+    gradients (the dropped logits keep 0). ``grad_absmax``: see ``fold_grad_absmax_ref``. ``from_cosines``:
+    ``logits`` hold the cosines (a forward with ``store_logits=False``), each logit is derived as that forward
+    would have stored it.
     """
+    if from_cosines:
+        margin_softmax_forward_ref(logits, labels, s, m1, m2, m3, filter_threshold)
     grad = logits.to(accumulation_dtype(logits.dtype))  # logits itself when they hold the accumulation dtype
     rows = torch.nonzero(labels >= 0).squeeze(1)
     cols = labels[rows]
@@ -262,13 +271,17 @@ def _hard_negatives(values, labels, s, hard_threshold, hard_t, dtype):
 
 
 def margin_softmax_forward_adaptive_ref(logits, labels, s, m1, m2, m3, filter_threshold=0.0, sample_m2=None,
-                                        sample_m3=None, clip_eps=0.0, hard_threshold=None, hard_t=0.0):
+                                        sample_m3=None, clip_eps=0.0, hard_threshold=None, hard_t=0.0,
+                                        store_logits=True):
     """``margin_softmax_forward_ref`` with sample ``b``'s target margin ``(m1, m2 + sample_m2[b], m3 +
     sample_m3[b])``, cosines clamped to ``[-1 + clip_eps, 1 - clip_eps]`` and the target angle clipped to
     ``[clip_eps, pi - clip_eps]`` when ``clip_eps > 0``, and the non-target cosines ``c > hard_threshold[b]``
     given the logit ``s * c * (hard_t + c)``. The buffer keeps ``s * c`` for those (the backward derives their
-    logit from it); the statistics are over the logits.
+    logit from it); the statistics are over the logits. ``store_logits``: as in ``margin_softmax_forward_ref``.
     """
+    if not store_logits:
+        return margin_softmax_forward_adaptive_ref(logits.clone(), labels, s, m1, m2, m3, filter_threshold, sample_m2,
+                                                   sample_m3, clip_eps, hard_threshold, hard_t)
     if not 0.0 <= clip_eps < 0.5:
         raise ValueError(f"margin_softmax_forward_adaptive: clip_eps must be in [0, 0.5), got {clip_eps}")
     acc = accumulation_dtype(logits.dtype)
@@ -303,10 +316,15 @@ def margin_softmax_forward_adaptive_ref(logits, labels, s, m1, m2, m3, filter_th
 
 def margin_softmax_backward_adaptive_ref(logits, labels, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
                                          grad_scale, filter_threshold=0.0, sample_m2=None, sample_m3=None,
-                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0, grad_absmax=None):
+                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0, grad_absmax=None,
+                                         from_cosines=False):
     """In place on the forward's buffer: ``d loss_sum / d cosine * grad_scale`` for the adaptive margins. A
     re-weighted negative's gradient has the factor ``hard_t + 2 c``; dropped (filtered) entries and, with
-    ``clip_eps > 0``, cosines on the clamp get none."""
+    ``clip_eps > 0``, cosines on the clamp get none. ``grad_absmax``, ``from_cosines``: as in
+    ``margin_softmax_backward_ref``."""
+    if from_cosines:
+        margin_softmax_forward_adaptive_ref(logits, labels, s, m1, m2, m3, filter_threshold, sample_m2, sample_m3,
+                                            clip_eps, hard_threshold, hard_t)
     acc = accumulation_dtype(logits.dtype)
     stored = logits.to(acc)
     rows = torch.nonzero(labels >= 0).squeeze(1)

@@ -6,15 +6,19 @@ underneath. Every table offers the same signatures, the ``_out`` and in-place fo
     sample_classes(labels, class_start, num_local, num_sample, generator) -> (index [S], target [B])
     gather_normalize_out(weight, index, out [S, D], inv_norm [S])
     gather_normalize_backward_out(grad_normalized, normalized, inv_norm, out)
-    margin_softmax_forward(logits [B, S], target, s, m1, m2, m3, filter_threshold)     (in place)
+    margin_softmax_forward(logits [B, S], target, s, m1, m2, m3, filter_threshold, store_logits=True)
+                                                                                        (in place)
         -> (row_max, sum_exp, target_logit, target_cos), each [B]
     margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
-                            grad_scale, filter_threshold, grad_absmax=None)             (in place)
+                            grad_scale, filter_threshold, grad_absmax=None, from_cosines=False)
+                                                                                        (in place)
     margin_softmax_forward_adaptive(logits, target, s, m1, m2, m3, filter_threshold, sample_m2, sample_m3,
-                                    clip_eps, hard_threshold, hard_t)                   (in place)
+                                    clip_eps, hard_threshold, hard_t, store_logits=True)
+                                                                                        (in place)
     margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
                                      grad_scale, filter_threshold, sample_m2, sample_m3, clip_eps,
-                                     hard_threshold, hard_t, grad_absmax=None)          (in place)
+                                     hard_threshold, hard_t, grad_absmax=None, from_cosines=False)
+                                                                                        (in place)
     subcenter_max(cosines [B, S*K], num_subcenters) -> (values [B, S], argmax [B, S])  (sub-centers, K > 1)
     subcenter_max_backward(grad [B, S], argmax, num_subcenters) -> [B, S*K]
     sparse_sgd_update(weight, momentum_buffer, index, grad_rows, lr, momentum, weight_decay)
@@ -87,6 +91,11 @@ class OpTable:
         float32 copy is kept: there the float32 kernels are vectorized and the half-precision ones are not."""
         return self.device.type == "cuda"
 
+    # Whether the head's margin forward only reads the cosines (``store_logits=False``) and the backward derives
+    # the logits from them (``from_cosines=True``): one write of the [B, S] logits less, where the compiled
+    # CUDA kernels do it natively; the CPU kernels and the references would work on a copy.
+    margin_reads_cosines = False
+
     @staticmethod
     def mm_into(a, b, out):
         """``out = a @ b``; ``out`` may be the transpose of a contiguous buffer, which the GEMM then fills as
@@ -129,15 +138,20 @@ def _rounding_args(rounding_seed, rounding_step, class_start):
     return int(rounding_seed), int(rounding_step), int(class_start)
 
 
-def _absmax_args(op_name, grad_absmax):
-    """The margin backward ops' trailing ``grad_absmax``; none when not asked for, so an extension built before
-    it existed still runs the backward."""
-    if grad_absmax is None:
-        return ()
-    if not any(a.name == "grad_absmax" for a in getattr(torch.ops.partialfc, op_name).default._schema.arguments):
-        raise RuntimeError(f"partialfc._C's {op_name} has no grad_absmax (built from older sources): rebuild it "
-                           "with `python setup.py build_ext --inplace`, or construct PartialFC(..., use_ext=False)")
-    return (grad_absmax,)
+_SCHEMA_DEFAULTS = {"grad_absmax": None, "from_cosines": False, "store_logits": True}
+
+
+def _newer_args(op_name, **args):
+    """The margin ops' newer keyword arguments (``grad_absmax``, ``from_cosines``, ``store_logits``), passed
+    only when they differ from their defaults, so that an extension built before they existed still runs the
+    plain calls."""
+    given = {name: value for name, value in args.items() if value is not _SCHEMA_DEFAULTS[name]}
+    known = {a.name for a in getattr(torch.ops.partialfc, op_name).default._schema.arguments}
+    for name in given:
+        if name not in known:
+            raise RuntimeError(f"partialfc._C's {op_name} has no {name} (built from older sources): rebuild it "
+                               "with `python setup.py build_ext --inplace`, or construct PartialFC(..., use_ext=False)")
+    return given
 
 
 def _require_op(name):
@@ -148,6 +162,10 @@ def _require_op(name):
 
 class CompiledOps(OpTable):
     """The kernels of ``partialfc._C`` (``torch.ops.partialfc``), on CPU or CUDA."""
+
+    @property
+    def margin_reads_cosines(self):
+        return self.device.type == "cuda"
 
     @staticmethod
     def sample_classes(labels, class_start, num_local, num_sample, generator=None):
@@ -167,36 +185,41 @@ class CompiledOps(OpTable):
                                                           inv_norm, out)
 
     @staticmethod
-    def margin_softmax_forward(logits, target, s, m1, m2, m3, filter_threshold=0.0):
-        return torch.ops.partialfc.margin_softmax_forward(logits, target, float(s), float(m1), float(m2),
-                                                          float(m3), float(filter_threshold))
+    def margin_softmax_forward(logits, target, s, m1, m2, m3, filter_threshold=0.0, store_logits=True):
+        return torch.ops.partialfc.margin_softmax_forward(
+            logits, target, float(s), float(m1), float(m2), float(m3), float(filter_threshold),
+            **_newer_args("margin_softmax_forward", store_logits=bool(store_logits)))
 
     @staticmethod
     def margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3, grad_scale,
-                                filter_threshold=0.0, grad_absmax=None):
-        torch.ops.partialfc.margin_softmax_backward(logits, target, global_max, global_sum_exp, target_cos, float(s),
-                                                    float(m1), float(m2), float(m3), float(grad_scale),
-                                                    float(filter_threshold),
-                                                    *_absmax_args("margin_softmax_backward", grad_absmax))
+                                filter_threshold=0.0, grad_absmax=None, from_cosines=False):
+        torch.ops.partialfc.margin_softmax_backward(
+            logits, target, global_max, global_sum_exp, target_cos, float(s), float(m1), float(m2), float(m3),
+            float(grad_scale), float(filter_threshold),
+            **_newer_args("margin_softmax_backward", grad_absmax=grad_absmax, from_cosines=bool(from_cosines)))
         return logits
 
     @staticmethod
     def margin_softmax_forward_adaptive(logits, target, s, m1, m2, m3, filter_threshold=0.0, sample_m2=None,
-                                        sample_m3=None, clip_eps=0.0, hard_threshold=None, hard_t=0.0):
+                                        sample_m3=None, clip_eps=0.0, hard_threshold=None, hard_t=0.0,
+                                        store_logits=True):
         _require_op("margin_softmax_forward_adaptive")
         return torch.ops.partialfc.margin_softmax_forward_adaptive(
             logits, target, float(s), float(m1), float(m2), float(m3), float(filter_threshold), sample_m2, sample_m3,
-            float(clip_eps), hard_threshold, float(hard_t))
+            float(clip_eps), hard_threshold, float(hard_t),
+            **_newer_args("margin_softmax_forward_adaptive", store_logits=bool(store_logits)))
 
     @staticmethod
     def margin_softmax_backward_adaptive(logits, target, global_max, global_sum_exp, target_cos, s, m1, m2, m3,
                                          grad_scale, filter_threshold=0.0, sample_m2=None, sample_m3=None,
-                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0, grad_absmax=None):
+                                         clip_eps=0.0, hard_threshold=None, hard_t=0.0, grad_absmax=None,
+                                         from_cosines=False):
         _require_op("margin_softmax_backward_adaptive")
         torch.ops.partialfc.margin_softmax_backward_adaptive(
             logits, target, global_max, global_sum_exp, target_cos, float(s), float(m1), float(m2), float(m3),
             float(grad_scale), float(filter_threshold), sample_m2, sample_m3, float(clip_eps), hard_threshold,
-            float(hard_t), *_absmax_args("margin_softmax_backward_adaptive", grad_absmax))
+            float(hard_t), **_newer_args("margin_softmax_backward_adaptive", grad_absmax=grad_absmax,
+                                         from_cosines=bool(from_cosines)))
         return logits
 
     @staticmethod
@@ -235,25 +258,13 @@ class CompiledOps(OpTable):
     def normalize_backward_adamw_update(self, weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized,
                                         inv_norm, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
                                         rounding_seed=None, rounding_step=0, class_start=0):
-        rounding = _rounding_args(rounding_seed, rounding_step, class_start)
-        if self.device.type == "cpu":
-            torch.ops.partialfc.normalize_backward_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index,
-                                                                grad_normalized, inv_norm, float(lr), float(beta1),
-                                                                float(beta2), float(eps), float(weight_decay),
-                                                                float(grad_scale), *rounding)
-            return
-        # No fused kernel on CUDA: the normalize backward into step buffers, then the sparse update; the
-        # normalized rows are recomputed from the table, as the fused update does (same semantics).
-        shape = (index.numel(), weight.shape[1])
-        normalized = self.empty("adamw_normalized", shape, weight.dtype)
-        torch.index_select(weight, 0, index, out=normalized)
-        normalized = normalized.to(inv_norm.dtype).mul_(inv_norm[:, None])
-        rows = self.empty("adamw_grad_rows", shape, inv_norm.dtype)
-        self.gather_normalize_backward_out(grad_normalized, normalized, inv_norm, rows)
-        if grad_scale != 1.0:
-            rows.div_(grad_scale)
-        self.sparse_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index, rows, lr, beta1, beta2, eps,
-                                 weight_decay, rounding_seed, rounding_step, class_start)
+        # One fused kernel on CPU and CUDA.
+        torch.ops.partialfc.normalize_backward_adamw_update(weight, exp_avg, exp_avg_sq, row_step, index,
+                                                            grad_normalized, inv_norm, float(lr), float(beta1),
+                                                            float(beta2), float(eps), float(weight_decay),
+                                                            float(grad_scale),
+                                                            *_rounding_args(rounding_seed, rounding_step,
+                                                                            class_start))
 
 
 def op_table(device, use_ext=True):

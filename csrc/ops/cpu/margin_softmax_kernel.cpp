@@ -744,8 +744,13 @@ void check_logits(const at::Tensor& logits, const at::Tensor& labels, const char
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
     at::Tensor& logits, const at::Tensor& labels, double s, double m1, double m2, double m3,
-    double filter_threshold) {
+    double filter_threshold, bool store_logits) {
   check_logits(logits, labels, "margin_softmax_forward");
+  if (!store_logits) {
+    // The in-place kernels on a copy (clone keeps a class-major layout): the CPU step stores its logits.
+    at::Tensor work = logits.clone();
+    return margin_softmax_forward_cpu(work, labels, s, m1, m2, m3, filter_threshold, true);
+  }
   const int64_t rows = logits.size(0);
   auto opts = logits.options().dtype(accumulation_type(logits.scalar_type()));
   at::Tensor row_max = at::empty({rows}, opts), sum_exp = at::empty({rows}, opts);
@@ -810,10 +815,12 @@ void backward_rows(at::Tensor& logits, const int64_t* labels, const at::Tensor& 
 void margin_softmax_backward_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& global_max,
                                  const at::Tensor& global_sum_exp, const at::Tensor& target_cos, double s, double m1,
                                  double m2, double m3, double grad_scale, double filter_threshold,
-                                 const std::optional<at::Tensor>& grad_absmax) {
+                                 const std::optional<at::Tensor>& grad_absmax, bool from_cosines) {
   const char* op = "margin_softmax_backward";
   check_logits(logits, labels, op);
   check_grad_absmax(grad_absmax, logits, op);
+  // The logits as a storing forward leaves them, then the backward over those.
+  if (from_cosines) margin_softmax_forward_cpu(logits, labels, s, m1, m2, m3, filter_threshold, true);
   const int64_t rows = logits.size(0);
   check_vector(global_max, rows, "global_max", op);
   check_vector(global_sum_exp, rows, "global_sum_exp", op);
@@ -949,9 +956,14 @@ void backward_adaptive(at::Tensor& logits, const int64_t* labels, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_adaptive_cpu(
     at::Tensor& logits, const at::Tensor& labels, double s, double m1, double m2, double m3, double filter_threshold,
     const std::optional<at::Tensor>& sample_m2, const std::optional<at::Tensor>& sample_m3, double clip_eps,
-    const std::optional<at::Tensor>& hard_threshold, double hard_t) {
+    const std::optional<at::Tensor>& hard_threshold, double hard_t, bool store_logits) {
   const char* op = "margin_softmax_forward_adaptive";
   check_logits(logits, labels, op);
+  if (!store_logits) {
+    at::Tensor work = logits.clone();  // as in margin_softmax_forward_cpu
+    return margin_softmax_forward_adaptive_cpu(work, labels, s, m1, m2, m3, filter_threshold, sample_m2, sample_m3,
+                                               clip_eps, hard_threshold, hard_t, true);
+  }
   const at::Tensor sm2 = adaptive_vector(sample_m2, logits, "sample_m2", op);
   const at::Tensor sm3 = adaptive_vector(sample_m3, logits, "sample_m3", op);
   const at::Tensor hard = adaptive_vector(hard_threshold, logits, "hard_threshold", op);
@@ -977,10 +989,14 @@ void margin_softmax_backward_adaptive_cpu(at::Tensor& logits, const at::Tensor& 
                                           const std::optional<at::Tensor>& sample_m2,
                                           const std::optional<at::Tensor>& sample_m3, double clip_eps,
                                           const std::optional<at::Tensor>& hard_threshold, double hard_t,
-                                          const std::optional<at::Tensor>& grad_absmax) {
+                                          const std::optional<at::Tensor>& grad_absmax, bool from_cosines) {
   const char* op = "margin_softmax_backward_adaptive";
   check_logits(logits, labels, op);
   check_grad_absmax(grad_absmax, logits, op);
+  if (from_cosines) {  // as in margin_softmax_backward_cpu
+    margin_softmax_forward_adaptive_cpu(logits, labels, s, m1, m2, m3, filter_threshold, sample_m2, sample_m3, clip_eps,
+                                        hard_threshold, hard_t, true);
+  }
   const int64_t rows = logits.size(0);
   check_vector(global_max, rows, "global_max", op);
   check_vector(global_sum_exp, rows, "global_sum_exp", op);

@@ -4,6 +4,9 @@
 // 16-byte loads and an online (max, sum-exp), then a small pass combining the chunks. Backward: rows on grid.y,
 // each thread one 16-byte vector of its row when the rows are contiguous and 16-byte aligned, else one logit;
 // with grad_absmax, each block folds the largest |gradient| it stored into it with one atomicMax.
+// store_logits=false / from_cosines=true: the forward only reads the cosines, and the backward derives each
+// stored logit from its cosine with the forward's own transform (bit for bit what the forward would have
+// stored), which saves one write of the [B, S] logits per step.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -34,7 +37,18 @@ constexpr bool half_precision() {
   return !std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>;
 }
 
-template <typename scalar_t, typename acc_t>
+// Calls f with std::true_type or std::false_type: a runtime flag as a template argument.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// STORE: the logits are written back; otherwise the second sweep derives them from the cosines again.
+template <typename scalar_t, typename acc_t, bool STORE>
 __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs,
                                int64_t cs, acc_t s, acc_t m1, acc_t m2, acc_t m3, acc_t thr, bool plain, bool filter,
                                acc_t* __restrict__ row_max, acc_t* __restrict__ sum_exp,
@@ -45,10 +59,12 @@ __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ lab
   const int64_t t = labels[r];
   // t in [-1, cols): checked on the host before the launch
   const bool filter_row = filter;  // every row: also those whose target lives on another rank
+  // A non-target entry's stored logit from its clamped cosine (inter-class filtering drops the close ones).
+  auto negative = [&](acc_t v) { return static_cast<scalar_t>((filter_row && v > thr ? acc_t(0) : v) * s); };
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   acc_t tl = 0, tc = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    acc_t v = clamp_cos(static_cast<acc_t>(row[j * cs]));
+    const acc_t v = clamp_cos(static_cast<acc_t>(row[j * cs]));
     scalar_t stored;
     acc_t sv;
     if (j == t) {
@@ -56,19 +72,24 @@ __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ lab
       tl = sv = margin_value(v, m1, m2, m3, plain) * s;  // unrounded (see half_precision)
       stored = static_cast<scalar_t>(tl);
     } else {
-      if (filter_row && v > thr) v = 0;  // inter-class filtering
-      stored = static_cast<scalar_t>(v * s);
+      stored = negative(v);
       sv = static_cast<acc_t>(stored);
     }
-    row[j * cs] = stored;
+    if constexpr (STORE) row[j * cs] = stored;
     mx = sv > mx || sv != sv ? sv : mx;
   }
   mx = cuda::block_max(mx, scratch, -std::numeric_limits<acc_t>::infinity());
   // Each thread re-reads only the elements it wrote itself (and holds its target's logit): no barrier needed
   // before the second sweep.
   acc_t sum = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
-    sum += m_exp((j == t ? tl : static_cast<acc_t>(row[j * cs])) - mx);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    acc_t l = tl;
+    if (j != t) {
+      const scalar_t x = row[j * cs];
+      l = static_cast<acc_t>(STORE ? x : negative(clamp_cos(static_cast<acc_t>(x))));
+    }
+    sum += m_exp(l - mx);
+  }
   sum = cuda::block_sum(sum, scratch);
   // The thread that owned the target column reports it.
   if (t >= 0 && threadIdx.x == t % blockDim.x) {
@@ -87,7 +108,7 @@ __global__ void forward_kernel(scalar_t* logits, const int64_t* __restrict__ lab
 
 // Adaptive margins (AdaFace, CurricularFace): the same sweeps with each row's margin from AdaptiveInputs; a
 // re-weighted negative's logit is derived from its stored value in each sweep.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool STORE>
 __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs,
                                         int64_t cs, AdaptiveInputs<acc_t> in, acc_t thr, bool filter,
                                         acc_t* __restrict__ row_max, acc_t* __restrict__ sum_exp,
@@ -99,18 +120,23 @@ __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restr
   // t in [-1, cols): checked on the host before the launch
   const AdaptiveRow<acc_t> a = in.row(r);
   const bool filter_row = filter;  // every row: also those whose target lives on another rank
+  // A non-target entry's stored value from its raw cosine, as forward_kernel's `negative`.
+  auto negative = [&](acc_t raw) {
+    const acc_t v = clamp_to(raw, a.lo, a.hi);
+    return static_cast<scalar_t>((filter_row && v > thr ? acc_t(0) : v) * a.s);
+  };
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   acc_t tl = 0, tc = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const acc_t v = clamp_to(static_cast<acc_t>(row[j * cs]), a.lo, a.hi);
+    const acc_t raw = static_cast<acc_t>(row[j * cs]);
     acc_t logit;
     if (j == t) {
-      tc = v;
-      logit = tl = a.target_value(v) * a.s;  // unrounded (see half_precision)
-      row[j * cs] = static_cast<scalar_t>(tl);
+      tc = clamp_to(raw, a.lo, a.hi);
+      logit = tl = a.target_value(tc) * a.s;  // unrounded (see half_precision)
+      if constexpr (STORE) row[j * cs] = static_cast<scalar_t>(tl);
     } else {
-      const scalar_t stored = static_cast<scalar_t>((filter_row && v > thr ? acc_t(0) : v) * a.s);
-      row[j * cs] = stored;
+      const scalar_t stored = negative(raw);
+      if constexpr (STORE) row[j * cs] = stored;
       logit = static_cast<acc_t>(stored);
       if (a.hard) logit = static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(logit)));
     }
@@ -120,8 +146,12 @@ __global__ void adaptive_forward_kernel(scalar_t* logits, const int64_t* __restr
   // Each thread re-reads only the elements it wrote itself: no barrier needed before the second sweep.
   acc_t sum = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    acc_t l = j == t ? tl : static_cast<acc_t>(row[j * cs]);
-    if (j != t && a.hard) l = static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(l)));
+    acc_t l = tl;
+    if (j != t) {
+      const scalar_t x = row[j * cs];
+      l = static_cast<acc_t>(STORE ? x : negative(static_cast<acc_t>(x)));
+      if (a.hard) l = static_cast<acc_t>(static_cast<scalar_t>(a.negative_logit(l)));
+    }
     sum += m_exp(l - mx);
   }
   sum = cuda::block_sum(sum, scratch);
@@ -251,8 +281,8 @@ struct AdaptiveMargin {
 };
 
 // Block (r = blockIdx.x, c = blockIdx.y): chunk c of row r. VEC > 1: rows contiguous and 16-byte aligned
-// (checked on the host), VEC elements per load; VEC == 1: any strides.
-template <typename scalar_t, typename acc_t, int VEC, typename Margin>
+// (checked on the host), VEC elements per load; VEC == 1: any strides. STORE: the logits are written back.
+template <typename scalar_t, typename acc_t, int VEC, typename Margin, bool STORE>
 __global__ void __launch_bounds__(kSplitThreads)
     forward_chunk_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs, int64_t cs,
                          int64_t chunk, Margin margin, acc_t* __restrict__ partial_max,
@@ -269,7 +299,8 @@ __global__ void __launch_bounds__(kSplitThreads)
   auto visit = [&](int64_t j, scalar_t& x) {
     const acc_t cval = op.cos(static_cast<acc_t>(x));
     acc_t logit;
-    x = op.store(j, cval, logit);
+    const scalar_t stored = op.store(j, cval, logit);
+    if constexpr (STORE) x = stored;
     if (j == t) {
       target_cos[r] = cval;
       target_logit[r] = logit;
@@ -282,7 +313,7 @@ __global__ void __launch_bounds__(kSplitThreads)
         Pack<scalar_t, VEC> p = *reinterpret_cast<const Pack<scalar_t, VEC>*>(row + j);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) visit(j + k, p.v[k]);
-        *reinterpret_cast<Pack<scalar_t, VEC>*>(row + j) = p;
+        if constexpr (STORE) *reinterpret_cast<Pack<scalar_t, VEC>*>(row + j) = p;
       } else {
         for (int64_t k = j; k < j1; ++k) visit(k, row[k]);
       }
@@ -424,20 +455,27 @@ __device__ __forceinline__ void block_absmax(uint32_t local, uint32_t* absmax) {
 // Block (x, r = blockIdx.y): kLogitThreads * VEC consecutive logits of row r, VEC per thread. VEC > 1: rows
 // contiguous and 16-byte aligned (checked on the host), one 16-byte load and store per thread, the row's last
 // partial vector element by element; VEC == 1: any strides. absmax: grad_absmax's bits, or nullptr.
-template <typename scalar_t, typename acc_t, int VEC, typename Grad>
+// FROM_COSINES: the logits hold the cosines, and `margin` (the forward's transform) gives each stored logit.
+template <typename scalar_t, typename acc_t, int VEC, typename Grad, typename Margin, bool FROM_COSINES>
 __global__ void __launch_bounds__(kLogitThreads)
     backward_kernel(scalar_t* logits, const int64_t* __restrict__ labels, int64_t cols, int64_t rs, int64_t cs,
                     const acc_t* __restrict__ gmax, const acc_t* __restrict__ gsum, const acc_t* __restrict__ tcos,
-                    Grad grad, uint32_t* absmax) {
+                    Grad grad, Margin margin, uint32_t* absmax) {
   const int64_t r = blockIdx.y;
   const int64_t t = labels[r];
   // t in [-1, cols): checked on the host before the launch
   const auto op = grad.row(r, t, gmax[r], gsum[r], tcos[r]);
+  const auto forward = margin.row(r, t);
   scalar_t* row = logits + r * rs;
   const bool track = absmax != nullptr;  // uniform over the grid
   uint32_t local = 0;                    // the largest abs_bits of the gradients this thread stored
   auto visit = [&](int64_t j, scalar_t& x) {
-    x = static_cast<scalar_t>(op(j, static_cast<acc_t>(x)));
+    acc_t l = static_cast<acc_t>(x);
+    if constexpr (FROM_COSINES) {
+      acc_t logit;
+      l = static_cast<acc_t>(forward.store(j, forward.cos(l), logit));
+    }
+    x = static_cast<scalar_t>(op(j, l));
     if (track) {
       const uint32_t b = abs_bits(static_cast<float>(x));  // as stored, rounded to the logits' dtype
       local = b > local ? b : local;
@@ -461,7 +499,7 @@ __global__ void __launch_bounds__(kLogitThreads)
 }
 
 // Launches the split forward: 16-byte loads when every row starts on a 16-byte boundary and is contiguous.
-template <typename scalar_t, typename acc_t, typename Margin>
+template <typename scalar_t, typename acc_t, bool STORE, typename Margin>
 void launch_split_forward(at::Tensor& logits, const at::Tensor& lab, const Margin& margin, at::Tensor& row_max,
                           at::Tensor& sum_exp, at::Tensor& target_logit, at::Tensor& target_cos,
                           cudaStream_t stream) {
@@ -478,11 +516,11 @@ void launch_split_forward(at::Tensor& logits, const at::Tensor& lab, const Margi
   acc_t* psum = pmax + rows * chunks;
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(chunks));
   if (vectorized) {
-    forward_chunk_kernel<scalar_t, acc_t, vec, Margin><<<grid, kSplitThreads, 0, stream>>>(
+    forward_chunk_kernel<scalar_t, acc_t, vec, Margin, STORE><<<grid, kSplitThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, rs, cs, chunk, margin, pmax, psum,
         target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
   } else {
-    forward_chunk_kernel<scalar_t, acc_t, 1, Margin><<<grid, kSplitThreads, 0, stream>>>(
+    forward_chunk_kernel<scalar_t, acc_t, 1, Margin, STORE><<<grid, kSplitThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, rs, cs, chunk, margin, pmax, psum,
         target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
   }
@@ -495,10 +533,11 @@ void launch_split_forward(at::Tensor& logits, const at::Tensor& lab, const Margi
 }
 
 // Launches the backward: 16-byte vectors when every row starts on a 16-byte boundary and is contiguous.
-// absmax: grad_absmax's bits, or nullptr.
-template <typename scalar_t, typename acc_t, typename Grad>
+// absmax: grad_absmax's bits, or nullptr. FROM_COSINES: see backward_kernel.
+template <typename scalar_t, typename acc_t, bool FROM_COSINES, typename Grad, typename Margin>
 void launch_backward(at::Tensor& logits, const at::Tensor& lab, const at::Tensor& gm, const at::Tensor& gs,
-                     const at::Tensor& tc, const Grad& grad, uint32_t* absmax, cudaStream_t stream) {
+                     const at::Tensor& tc, const Grad& grad, const Margin& margin, uint32_t* absmax,
+                     cudaStream_t stream) {
   constexpr int vec = 16 / sizeof(scalar_t);
   const int64_t rows = logits.size(0), cols = logits.size(1), rs = logits.stride(0), cs = logits.stride(1);
   const bool vectorized = cs == 1 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
@@ -506,13 +545,13 @@ void launch_backward(at::Tensor& logits, const at::Tensor& lab, const at::Tensor
   const int64_t per_block = static_cast<int64_t>(kLogitThreads) * (vectorized ? vec : 1);
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(cols, per_block)), static_cast<unsigned>(rows));
   if (vectorized) {
-    backward_kernel<scalar_t, acc_t, vec, Grad><<<grid, kLogitThreads, 0, stream>>>(
+    backward_kernel<scalar_t, acc_t, vec, Grad, Margin, FROM_COSINES><<<grid, kLogitThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, rs, cs, gm.const_data_ptr<acc_t>(),
-        gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), grad, absmax);
+        gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), grad, margin, absmax);
   } else {
-    backward_kernel<scalar_t, acc_t, 1, Grad><<<grid, kLogitThreads, 0, stream>>>(
+    backward_kernel<scalar_t, acc_t, 1, Grad, Margin, FROM_COSINES><<<grid, kLogitThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, rs, cs, gm.const_data_ptr<acc_t>(),
-        gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), grad, absmax);
+        gs.const_data_ptr<acc_t>(), tc.const_data_ptr<acc_t>(), grad, margin, absmax);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -548,9 +587,15 @@ void check_logits(const at::Tensor& logits, const at::Tensor& labels, const char
   cuda::check_range_cuda(labels, -1, logits.size(1), op, "labels");
 }
 
+template <typename scalar_t, typename acc_t>
+FixedMargin<scalar_t, acc_t> fixed_margin(const MarginParams& mp) {
+  return {static_cast<acc_t>(mp.s), static_cast<acc_t>(mp.m1), static_cast<acc_t>(mp.m2), static_cast<acc_t>(mp.m3),
+          static_cast<acc_t>(mp.filter_threshold), mp.plain(), mp.filter_threshold > 0};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
     at::Tensor& logits, const at::Tensor& labels, double s, double m1, double m2, double m3,
-    double filter_threshold) {
+    double filter_threshold, bool store_logits) {
   check_logits(logits, labels, "margin_softmax_forward");
   const int64_t rows = logits.size(0), cols = logits.size(1);
   auto opts = logits.options().dtype(accumulation_type(logits.scalar_type()));
@@ -563,19 +608,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
   const MarginParams mp{s, m1, m2, m3, filter_threshold};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "margin_softmax_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (cols >= kSplitMinCols) {
-      const FixedMargin<scalar_t, acc_t> margin{static_cast<acc_t>(s), static_cast<acc_t>(m1), static_cast<acc_t>(m2),
-                                                static_cast<acc_t>(m3), static_cast<acc_t>(filter_threshold),
-                                                mp.plain(), filter_threshold > 0};
-      launch_split_forward<scalar_t, acc_t>(logits, lab, margin, row_max, sum_exp, target_logit, target_cos, stream);
-      return;
-    }
-    forward_kernel<scalar_t, acc_t><<<rows, kRowThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1),
-        static_cast<acc_t>(s), static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(m3),
-        static_cast<acc_t>(filter_threshold), mp.plain(), filter_threshold > 0, row_max.data_ptr<acc_t>(),
-        sum_exp.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_flag(store_logits, [&](auto store) {
+      constexpr bool kStore = decltype(store)::value;
+      if (cols >= kSplitMinCols) {
+        const auto margin = fixed_margin<scalar_t, acc_t>(mp);
+        launch_split_forward<scalar_t, acc_t, kStore>(logits, lab, margin, row_max, sum_exp, target_logit, target_cos,
+                                                      stream);
+        return;
+      }
+      forward_kernel<scalar_t, acc_t, kStore><<<rows, kRowThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1),
+          static_cast<acc_t>(s), static_cast<acc_t>(m1), static_cast<acc_t>(m2), static_cast<acc_t>(m3),
+          static_cast<acc_t>(filter_threshold), mp.plain(), filter_threshold > 0, row_max.data_ptr<acc_t>(),
+          sum_exp.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {row_max, sum_exp, target_logit, target_cos};
 }
@@ -583,7 +630,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
 void margin_softmax_backward_cuda(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& global_max,
                                   const at::Tensor& global_sum_exp, const at::Tensor& target_cos, double s, double m1,
                                   double m2, double m3, double grad_scale, double filter_threshold,
-                                  const std::optional<at::Tensor>& grad_absmax) {
+                                  const std::optional<at::Tensor>& grad_absmax, bool from_cosines) {
   const char* op = "margin_softmax_backward";
   check_logits(logits, labels, op);
   check_grad_absmax(grad_absmax, logits, op);
@@ -606,14 +653,18 @@ void margin_softmax_backward_cuda(at::Tensor& logits, const at::Tensor& labels, 
     const FixedGrad<scalar_t, acc_t> grad{static_cast<acc_t>(s), static_cast<acc_t>(m1), static_cast<acc_t>(m2),
                                           static_cast<acc_t>(m3), static_cast<acc_t>(s * grad_scale), mp.plain(),
                                           filter_threshold > 0};
-    launch_backward<scalar_t, acc_t>(logits, lab, gm, gs, tc, grad, absmax_bits(grad_absmax), stream);
+    with_flag(from_cosines, [&](auto from) {
+      launch_backward<scalar_t, acc_t, decltype(from)::value>(logits, lab, gm, gs, tc, grad,
+                                                              fixed_margin<scalar_t, acc_t>(mp),
+                                                              absmax_bits(grad_absmax), stream);
+    });
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_adaptive_cuda(
     at::Tensor& logits, const at::Tensor& labels, double s, double m1, double m2, double m3, double filter_threshold,
     const std::optional<at::Tensor>& sample_m2, const std::optional<at::Tensor>& sample_m3, double clip_eps,
-    const std::optional<at::Tensor>& hard_threshold, double hard_t) {
+    const std::optional<at::Tensor>& hard_threshold, double hard_t, bool store_logits) {
   const char* op = "margin_softmax_forward_adaptive";
   check_logits(logits, labels, op);
   c10::cuda::CUDAGuard guard(logits.device());
@@ -631,16 +682,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
     using acc_t = at::opmath_type<scalar_t>;
     const auto in = adaptive_inputs<acc_t>(sm2, sm3, hard, s, m1, m2, m3, clip_eps, hard_t, op);
     if (rows == 0) return;
-    if (cols >= kSplitMinCols) {
-      const AdaptiveMargin<scalar_t, acc_t> margin{in, static_cast<acc_t>(filter_threshold), filter_threshold > 0};
-      launch_split_forward<scalar_t, acc_t>(logits, lab, margin, row_max, sum_exp, target_logit, target_cos, stream);
-      return;
-    }
-    adaptive_forward_kernel<scalar_t, acc_t><<<rows, kRowThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1), in,
-        static_cast<acc_t>(filter_threshold), filter_threshold > 0, row_max.data_ptr<acc_t>(),
-        sum_exp.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_flag(store_logits, [&](auto store) {
+      constexpr bool kStore = decltype(store)::value;
+      if (cols >= kSplitMinCols) {
+        const AdaptiveMargin<scalar_t, acc_t> margin{in, static_cast<acc_t>(filter_threshold), filter_threshold > 0};
+        launch_split_forward<scalar_t, acc_t, kStore>(logits, lab, margin, row_max, sum_exp, target_logit, target_cos,
+                                                      stream);
+        return;
+      }
+      adaptive_forward_kernel<scalar_t, acc_t, kStore><<<rows, kRowThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), lab.const_data_ptr<int64_t>(), cols, logits.stride(0), logits.stride(1), in,
+          static_cast<acc_t>(filter_threshold), filter_threshold > 0, row_max.data_ptr<acc_t>(),
+          sum_exp.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(), target_cos.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {row_max, sum_exp, target_logit, target_cos};
 }
@@ -651,7 +706,7 @@ void margin_softmax_backward_adaptive_cuda(at::Tensor& logits, const at::Tensor&
                                            const std::optional<at::Tensor>& sample_m2,
                                            const std::optional<at::Tensor>& sample_m3, double clip_eps,
                                            const std::optional<at::Tensor>& hard_threshold, double hard_t,
-                                           const std::optional<at::Tensor>& grad_absmax) {
+                                           const std::optional<at::Tensor>& grad_absmax, bool from_cosines) {
   const char* op = "margin_softmax_backward_adaptive";
   check_logits(logits, labels, op);
   check_grad_absmax(grad_absmax, logits, op);
@@ -676,7 +731,11 @@ void margin_softmax_backward_adaptive_cuda(at::Tensor& logits, const at::Tensor&
     const at::Tensor gm = global_max.to(acc).contiguous(), gs = global_sum_exp.to(acc).contiguous();
     const at::Tensor tc = target_cos.to(acc).contiguous(), lab = labels.contiguous();
     const AdaptiveGrad<scalar_t, acc_t> grad{in, static_cast<acc_t>(s * grad_scale), filter_threshold > 0};
-    launch_backward<scalar_t, acc_t>(logits, lab, gm, gs, tc, grad, absmax_bits(grad_absmax), stream);
+    const AdaptiveMargin<scalar_t, acc_t> margin{in, static_cast<acc_t>(filter_threshold), filter_threshold > 0};
+    with_flag(from_cosines, [&](auto from) {
+      launch_backward<scalar_t, acc_t, decltype(from)::value>(logits, lab, gm, gs, tc, grad, margin,
+                                                              absmax_bits(grad_absmax), stream);
+    });
   });
 }
 

@@ -116,7 +116,7 @@ def test_a_bad_grad_absmax_is_refused_by_name(device, bad, message):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_grad_absmax_on_another_device_is_refused():
+def test_grad_absmax_on_cpu_for_cuda_logits_is_refused():
     cosines, labels = _logits(4, 20, torch.float32, "cuda", "rows")
     stats = P.margin_softmax_forward(cosines, labels, *ARCFACE, 0.0)
     with pytest.raises(RuntimeError, match="grad_absmax is on cpu, logits on cuda"):

@@ -61,7 +61,7 @@ TORCH_LIBRARY_FRAGMENT(partialfc, m) {
   // The same update with the backward of gather_normalize folded in, as normalize_backward_sgd_update does:
   // grad_rows[i] = (g - n <g, n>) * inv_norm[i] / grad_scale with g = grad_normalized[i] and
   // n = weight[index[i]] * inv_norm[i] recomputed from the table (unchanged since the forward); no [S, D]
-  // gradient is written. CPU kernel only.
+  // gradient is written. CPU and CUDA kernels.
   // With a rounding_seed, a bfloat16 / float16 table and its moments are written with stochastic rounding
   // keyed by (rounding_seed, rounding_step, class_start + index[i], column), as in sparse_sgd_update.
   m.def("normalize_backward_adamw_update(Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "

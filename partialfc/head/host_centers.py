@@ -248,11 +248,12 @@ class HostCenterGrad(CenterGrad):
                                lambda shape, dtype: compute_ops.empty("grad_centers", shape, dtype))
         self._device_grad = grad
         self._host_grad, self._copied = self.stage.owner.copy_to_host(grad)
-        self.note_bound(grad_logits, features, grad_absmax)
+        self.note_bound(grad, grad_logits, features, grad_absmax)
         self.applied = False
 
     def is_finite(self):
-        return self._device_grad is None or self.bounded_below_overflow() or all_finite(self._device_grad)
+        grad = self._device_grad
+        return grad is None or self.bounded_below_overflow(grad) or all_finite(grad)
 
     def rows(self):
         """The gradient of the raw rows ``weight[index]`` [S, D] on the host (a new tensor), or None before

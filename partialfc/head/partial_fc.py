@@ -78,7 +78,7 @@ class CenterGrad:
         """Add ``grad_logits^T @ features`` ([S, B] @ [B, D]), the gradient of the normalized centers.
         ``grad_absmax``: the margin backward's largest ``|grad_logits|`` (see ``is_finite``)."""
         self.normalized_grad = self.accumulate(self.normalized_grad, grad_logits, features, self._new_grad)
-        self.note_bound(grad_logits, features, grad_absmax)
+        self.note_bound(self.normalized_grad, grad_logits, features, grad_absmax)
         self.applied = False
 
     def _new_grad(self, shape, dtype):
@@ -118,7 +118,8 @@ class CenterGrad:
     # grad_absmax as it writes them (NaN if one is NaN), and max|features| is one small [B, D] reduction. When
     # that bound stays below half the largest value of the product's dtype, no element can have overflowed,
     # and a 4-byte read replaces a pass over the [S, D] gradient. Otherwise (a non-finite or huge gradient of
-    # the logits: a bad batch, fp16 loss scaling) the gradient itself is checked.
+    # the logits: a bad batch, fp16 loss scaling), or when something else has written into the gradient since
+    # (its version counter moved), the gradient itself is checked.
 
     def _clear_bound(self):
         self.grad_absmax = None  # float32 [1] on the compute device, for the margin backward to fold into
@@ -126,6 +127,7 @@ class CenterGrad:
         self._bound_rows = 0
         self._bound_limit = math.inf
         self._bounded = True  # every add came with the margin backward's grad_absmax
+        self._bound_version = None  # the gradient tensor's version when the bound was last taken
 
     def absmax_buffer(self, device):
         """The margin backward's ``grad_absmax`` for this gradient, zero before its first backward."""
@@ -133,7 +135,9 @@ class CenterGrad:
             self.grad_absmax = torch.zeros(1, dtype=torch.float32, device=device)
         return self.grad_absmax
 
-    def note_bound(self, grad_logits, features, grad_absmax):
+    def note_bound(self, grad, grad_logits, features, grad_absmax):
+        """Takes the bound of ``grad`` after an add of ``grad_logits^T @ features``."""
+        self._bound_version = grad._version
         if grad_absmax is None:
             self._bounded = False
             return
@@ -143,16 +147,19 @@ class CenterGrad:
         self._bound_rows += features.shape[0]
         self._bound_limit = min(self._bound_limit, torch.finfo(grad_logits.dtype).max / 2)
 
-    def bounded_below_overflow(self):
-        """Whether the bound above proves every element finite (one read of a device scalar)."""
+    def bounded_below_overflow(self, grad):
+        """Whether the bound above proves every element of ``grad`` finite (one read of a device scalar)."""
         if not self._bounded or self.grad_absmax is None or self._feature_absmax is None:
             return False
+        if grad._version != self._bound_version:
+            return False  # written since the bound was taken
         bound = float((self.grad_absmax * self._feature_absmax).item()) * self._bound_rows
         return bound <= self._bound_limit  # False for NaN and inf
 
     def is_finite(self):
         """Whether the gradient is finite (True when there is none)."""
-        return self.normalized_grad is None or self.bounded_below_overflow() or all_finite(self.normalized_grad)
+        grad = self.normalized_grad
+        return grad is None or self.bounded_below_overflow(grad) or all_finite(grad)
 
     def rows(self):
         """The gradient of the raw rows ``weight[index]`` [S, D] (a new tensor), or None before backward."""

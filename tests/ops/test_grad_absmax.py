@@ -163,14 +163,14 @@ def test_is_finite_agrees_with_an_exact_check_across_the_bound(device, use_ext, 
     pfc = _head_step(device, use_ext, loss_scale)
     assert pfc.center_grad.is_finite() == _exactly_finite(pfc)
     if loss_scale <= 1e30:
-        assert pfc.center_grad.bounded_below_overflow()
+        assert pfc.center_grad.bounded_below_overflow(pfc.center_grad.normalized_grad)
 
 
 @pytest.mark.parametrize("use_ext", [True, False], ids=["compiled", "reference"])
 def test_is_finite_is_false_for_a_nan_center(device, use_ext):
     pfc = _head_step(device, use_ext, nan_row=3)
     assert not _exactly_finite(pfc)
-    assert not pfc.center_grad.bounded_below_overflow()
+    assert not pfc.center_grad.bounded_below_overflow(pfc.center_grad.normalized_grad)
     assert not pfc.center_grad.is_finite()
 
 
@@ -192,6 +192,17 @@ def test_a_gradient_added_without_grad_absmax_is_read(monkeypatch):
     read = []
     monkeypatch.setattr(head_module, "all_finite", lambda t: read.append(t) or True)
     assert grad.is_finite() and len(read) == 1
+
+
+def test_a_gradient_written_after_the_backward_is_read_again():
+    """The bound is of what the backward wrote: an in-place change since (a hook, a test) makes the check read
+    the gradient."""
+    pfc = _head_step("cpu", True)
+    grad = pfc.center_grad
+    assert grad.bounded_below_overflow(grad.normalized_grad)
+    grad.normalized_grad[3, 5] = math.inf
+    assert not grad.bounded_below_overflow(grad.normalized_grad)
+    assert not grad.is_finite()
 
 
 def test_micro_batches_fold_into_one_bound():

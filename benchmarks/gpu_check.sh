@@ -113,6 +113,7 @@ figures() {
     head_step_bf16) grep -E '^[0-9,]+ classes|^  (fused|dense|gemm) |^  (dense / fused|fused / gemm)' "$logfile" \
                       | sed 's/  */ /g' | tr '\n' ';' ;;
     host_centers) grep -E '^  (backbone stand-in|link:)' "$logfile" | sed 's/  */ /g' | tr '\n' ';' ;;
+    finite_check) grep -E '^  (is_finite|all_finite|bound / pass)' "$logfile" | sed 's/  */ /g' | tr '\n' ';' ;;
     train_head) grep -Eo 'step [0-9]+/[0-9]+ .*' "$logfile" | tail -1 \
                   | grep -Eo 'step [0-9]+/[0-9]+|loss [0-9.na]+|speed [0-9.]+ samples/s|peak mem [0-9]+ MB' \
                   | tr '\n' ';' ;;
@@ -239,6 +240,8 @@ run_stage sanitizer 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --
   -k "not subprocess and not 2_31"
 run_stage head_step_bf16 180 "$PY" benchmarks/head_step.py --device cuda --dtype bfloat16 \
   --classes 1000000 10000000 --batch 512 --variants fused dense gemm --json "$OUTDIR/head_step_bf16.json"
+run_stage finite_check 60 "$PY" benchmarks/finite_check.py --device cuda --classes 10000000 --batch 512 \
+  --dtype bfloat16
 run_stage host_centers 90 "$PY" benchmarks/host_centers.py --device cuda --classes 10000000 --batch 512 \
   --json "$OUTDIR/host_centers.json"
 run_stage train_head 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m partialfc.train \

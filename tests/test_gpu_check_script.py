@@ -13,7 +13,7 @@ from partialfc.config import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 STAGES = ["versions", "build", "tests_ops_cuda", "tests_cuda_ops", "tests_partial_fc_cuda", "sanitizer",
-          "head_step_bf16", "host_centers", "train_head", "backbone_only"]
+          "head_step_bf16", "finite_check", "host_centers", "train_head", "backbone_only"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def test_every_stage_runs_in_order_under_a_timeout(text):
                    "setup.py build_ext --inplace", "compute-sanitizer --tool memcheck",
                    "benchmarks/head_step.py --device cuda --dtype bfloat16",
                    "--classes 1000000 10000000 --batch 512 --variants fused dense gemm --json",
+                   "benchmarks/finite_check.py --device cuda --classes 10000000 --batch 512",
                    "-m torch.distributed.run --standalone --nproc_per_node=1 -m partialfc.train",
                    "tests/ops -k \"cuda and not compile\"", "tests/ops/test_cuda_ops.py",
                    "tests/test_partial_fc.py -k cuda", 'OUTDIR=${1:-${OUT:-$ROOT/gpu_check_out}}', "summary.txt"):

@@ -29,6 +29,17 @@ inline void check_vector(const at::Tensor& t, int64_t n, const char* name, const
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be [", n, "], got ", t.sizes());
 }
 
+// The fused normalize-backward updates' inverse norms [S] (the accumulation dtype, on the table's device) and
+// their loss scale.
+inline void check_normalize_backward_args(const at::Tensor& weight, const at::Tensor& index, const at::Tensor& inv_norm,
+                                          double grad_scale, const char* op) {
+  check_vector(inv_norm, index.numel(), "inv_norm", op);
+  const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(inv_norm.scalar_type() == acc && inv_norm.device() == weight.device(), op, ": inv_norm must be a ",
+              acc, " tensor on ", weight.device(), ", got ", inv_norm.scalar_type(), " on ", inv_norm.device());
+  TORCH_CHECK(grad_scale != 0.0, op, ": grad_scale must be nonzero");
+}
+
 // The margin backward's grad_absmax: float32, one element, on the logits' device.
 inline void check_grad_absmax(const std::optional<at::Tensor>& absmax, const at::Tensor& logits, const char* op) {
   if (!absmax.has_value()) return;

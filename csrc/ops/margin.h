@@ -11,7 +11,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+
+#include "stochastic_rounding.h"
 
 namespace partialfc {
 
@@ -27,25 +28,7 @@ C10_HOST_DEVICE inline double m_sqrt(double x) { return ::sqrt(x); }
 // The key by which the margin backward's grad_absmax orders |x|: the bits of |x| as a float32, read as an
 // unsigned integer. It orders the finite values by magnitude, below +inf, below every NaN, so an integer max
 // (an atomicMax on CUDA) keeps the largest magnitude and lets a NaN through without a special case.
-C10_HOST_DEVICE inline uint32_t abs_bits(float x) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(x) & 0x7fffffffu;
-#else
-  uint32_t b;
-  std::memcpy(&b, &x, sizeof b);
-  return b & 0x7fffffffu;
-#endif
-}
-
-C10_HOST_DEVICE inline float float_from_bits(uint32_t b) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(b);
-#else
-  float x;
-  std::memcpy(&x, &b, sizeof x);
-  return x;
-#endif
-}
+C10_HOST_DEVICE inline uint32_t abs_bits(float x) { return float_bits(x) & 0x7fffffffu; }
 
 // Margin parameters; `plain` is CosFace / no angular margin (m1 == 1 and m2 == 0).
 struct MarginParams {

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "sparse_adamw_update.h"
 
 namespace partialfc {
 

@@ -24,3 +24,16 @@ def no_gpu_reason():
     if extension.available() and not extension.with_cuda():
         return "partialfc._C was built without CUDA kernels"
     return None
+
+
+def random_cosines(batch, cols, dtype, device, layout="rows", seed=0, spread=1.8):
+    """``(cosines [B, S], labels [B])``: cosines uniform in ``[-spread / 2, spread / 2]`` (beyond +-1 when
+    spread > 2), labels in ``[-1, S)``; ``layout`` "rows", "class_major" (the CPU step's) or "strided"."""
+    g = torch.Generator().manual_seed(seed)
+    cosines = ((torch.rand(batch, cols, generator=g) - 0.5) * spread).to(dtype).to(device)
+    labels = torch.randint(-1, cols, (batch,), generator=g).to(device)
+    if layout == "class_major":
+        cosines = cosines.t().contiguous().t()
+    elif layout == "strided":
+        cosines = noncontiguous_like(cosines)
+    return cosines, labels

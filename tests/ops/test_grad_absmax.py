@@ -16,22 +16,11 @@ from partialfc.head import PartialFC, SparseSGD
 from partialfc.head import partial_fc as head_module
 from partialfc.ops import reference
 
-from ops_testutil import noncontiguous_like
+from ops_testutil import random_cosines
 
 P = torch.ops.partialfc
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 ARCFACE = (64.0, 1.0, 0.5, 0.0)
-
-
-def _logits(batch, cols, dtype, device, layout, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cosines = (torch.rand(batch, cols, generator=g) * 1.8 - 0.9).to(dtype).to(device)
-    labels = torch.randint(-1, cols, (batch,), generator=g).to(device)
-    if layout == "class_major":
-        cosines = cosines.t().contiguous().t()
-    elif layout == "strided":
-        cosines = noncontiguous_like(cosines)
-    return cosines, labels
 
 
 def _backward(op_table, cosines, labels, adaptive, grad_absmax, filter_threshold=0.0):
@@ -56,7 +45,7 @@ def _backward(op_table, cosines, labels, adaptive, grad_absmax, filter_threshold
 @pytest.mark.parametrize("filter_threshold", [0.0, 0.5])
 def test_grad_absmax_is_the_largest_stored_gradient(device, dtype, layout, adaptive, filter_threshold):
     compiled = ops.op_table(device, use_ext=True)
-    cosines, labels = _logits(7, 300, dtype, device, layout)
+    cosines, labels = random_cosines(7, 300, dtype, device, layout)
     plain = _backward(compiled, cosines.clone(), labels, adaptive, None, filter_threshold)
     absmax = torch.zeros(1, device=device)
     grad = _backward(compiled, cosines.clone(), labels, adaptive, absmax, filter_threshold)
@@ -75,7 +64,7 @@ def test_grad_absmax_is_the_largest_stored_gradient(device, dtype, layout, adapt
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 def test_grad_absmax_keeps_a_larger_value_and_folds_over_calls(device, impl, adaptive):
     table = ops.op_table(device, use_ext=impl == "compiled")
-    cosines, labels = _logits(5, 64, torch.float32, device, "rows", seed=3)
+    cosines, labels = random_cosines(5, 64, torch.float32, device, "rows", seed=3)
     largest = _backward(table, cosines.clone(), labels, adaptive, None).abs().max().item()
     absmax = torch.tensor([1e30], device=device)
     _backward(table, cosines.clone(), labels, adaptive, absmax)
@@ -94,13 +83,13 @@ def test_grad_absmax_keeps_a_larger_value_and_folds_over_calls(device, impl, ada
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_nan_logit_makes_grad_absmax_nan(device, impl, layout, dtype):
     table = ops.op_table(device, use_ext=impl == "compiled")
-    cosines, labels = _logits(6, 100, dtype, device, layout, seed=1)
+    cosines, labels = random_cosines(6, 100, dtype, device, layout, seed=1)
     cosines[2, 17] = math.nan
     absmax = torch.tensor([5.0], device=device)
     _backward(table, cosines, labels, False, absmax)
     assert math.isnan(absmax.item())
     # A NaN on entry stays NaN, whatever the gradient.
-    cosines, labels = _logits(6, 100, dtype, device, layout, seed=1)
+    cosines, labels = random_cosines(6, 100, dtype, device, layout, seed=1)
     _backward(table, cosines, labels, False, absmax)
     assert math.isnan(absmax.item())
 
@@ -110,25 +99,25 @@ def test_a_nan_logit_makes_grad_absmax_nan(device, impl, layout, dtype):
     (lambda d: torch.zeros(2, device=d), "grad_absmax must be a float32 tensor of one element"),
 ])
 def test_a_bad_grad_absmax_is_refused_by_name(device, bad, message):
-    cosines, labels = _logits(4, 20, torch.float32, device, "rows")
+    cosines, labels = random_cosines(4, 20, torch.float32, device, "rows")
     with pytest.raises(RuntimeError, match=message):
         _backward(ops.op_table(device, use_ext=True), cosines, labels, False, bad(device))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_grad_absmax_on_cpu_for_cuda_logits_is_refused():
-    cosines, labels = _logits(4, 20, torch.float32, "cuda", "rows")
+    cosines, labels = random_cosines(4, 20, torch.float32, "cuda", "rows")
     stats = P.margin_softmax_forward(cosines, labels, *ARCFACE, 0.0)
     with pytest.raises(RuntimeError, match="grad_absmax is on cpu, logits on cuda"):
         P.margin_softmax_backward(cosines, labels, stats[0], stats[1], stats[3], *ARCFACE, 1.0, 0.0, torch.zeros(1))
 
 
 def test_opcheck_with_grad_absmax():
-    cosines, labels = _logits(6, 10, torch.float32, "cpu", "rows")
+    cosines, labels = random_cosines(6, 10, torch.float32, "cpu", "rows")
     row_max, sum_exp, _, target_cos = reference.margin_softmax_forward_ref(cosines, labels, *ARCFACE)
     torch.library.opcheck(P.margin_softmax_backward, (cosines, labels, row_max, sum_exp, target_cos, *ARCFACE, 0.125,
                                                       0.0, torch.zeros(1)))
-    cosines, labels = _logits(6, 10, torch.float32, "cpu", "rows")
+    cosines, labels = random_cosines(6, 10, torch.float32, "cpu", "rows")
     stats = reference.margin_softmax_forward_adaptive_ref(cosines, labels, *ARCFACE, 0.0)
     torch.library.opcheck(P.margin_softmax_backward_adaptive,
                           (cosines, labels, stats[0], stats[1], stats[3], *ARCFACE, 0.125, 0.0, None, None, 0.0, None,

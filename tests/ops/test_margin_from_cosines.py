@@ -8,20 +8,9 @@ from partialfc import ops
 from partialfc.head import PartialFC, SparseSGD
 from partialfc.ops.cpu import CpuCompiledOps
 
-from ops_testutil import noncontiguous_like
+from ops_testutil import random_cosines
 
 ARCFACE = (64.0, 1.0, 0.5, 0.0)
-
-
-def _cosines(batch, cols, dtype, device, layout, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cosines = (torch.rand(batch, cols, generator=g) * 2.2 - 1.1).to(dtype).to(device)  # some beyond +-1
-    labels = torch.randint(-1, cols, (batch,), generator=g).to(device)
-    if layout == "class_major":
-        cosines = cosines.t().contiguous().t()
-    elif layout == "strided":
-        cosines = noncontiguous_like(cosines)
-    return cosines, labels
 
 
 def _margin_kwargs(kind, batch, device):
@@ -56,7 +45,7 @@ def _backward(table, logits, labels, stats, kw, threshold, absmax, from_cosines)
 @pytest.mark.parametrize("cols", [300, 9000], ids=["short", "long"])  # one block per row / split rows on CUDA
 def test_reading_the_cosines_gives_the_storing_pair_bit_for_bit(device, impl, dtype, layout, kind, threshold, cols):
     table = ops.op_table(device, use_ext=impl == "compiled")
-    cosines, labels = _cosines(5, cols, dtype, device, layout)
+    cosines, labels = random_cosines(5, cols, dtype, device, layout, spread=2.2)
     kw = _margin_kwargs(kind, 5, device)
     stored = cosines.clone()
     stats = _forward(table, stored, labels, kw, threshold, store=True)

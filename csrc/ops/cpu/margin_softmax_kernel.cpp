@@ -290,7 +290,7 @@ class GradAbsMax {
   }
 
   void finish() {
-    if (out_ != nullptr) *out_ = float_from_bits(std::max(abs_bits(*out_), bits_.load()));
+    if (out_ != nullptr) *out_ = bits_float(std::max(abs_bits(*out_), bits_.load()));
   }
 
  private:

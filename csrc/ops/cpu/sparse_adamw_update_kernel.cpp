@@ -13,16 +13,11 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "../sparse_adamw_update.h"
 #include "../stochastic_rounding.h"
 #include "simd.h"
 
 namespace partialfc {
-
-// ../sparse_adamw_update.cpp
-void check_sparse_adamw_update_args(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                                    const at::Tensor& row_step, const at::Tensor& index, const at::Tensor& rows,
-                                    const char* rows_name, double lr, double beta1, double beta2, double eps,
-                                    double weight_decay, const char* op);
 
 namespace {
 
@@ -168,32 +163,6 @@ void check_index_range(const at::Tensor& idx, int64_t num_rows, const char* op) 
     TORCH_CHECK(ip[i] >= 0 && ip[i] < num_rows, op, ": index[", i, "] = ", ip[i], " is outside [0, ", num_rows, ")");
 }
 
-// fn(w_t{}, v_t{}, g_t{}, step_t{}): v_t is the weight's dtype, or float32 beside a bf16/fp16 table.
-template <typename Fn>
-void dispatch_adamw(const at::Tensor& weight, const at::Tensor& exp_avg_sq, const at::Tensor& grad,
-                    const at::Tensor& row_step, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_adamw_update_w", [&] {
-    using w_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sparse_adamw_update_g", [&] {
-      using g_t = scalar_t;
-      auto with_v = [&](auto v0) {
-        if (row_step.scalar_type() == at::kLong) {
-          fn(w_t{}, v0, g_t{}, int64_t{});
-        } else {
-          fn(w_t{}, v0, g_t{}, int32_t{});
-        }
-      };
-      if constexpr (std::is_same_v<w_t, c10::BFloat16> || std::is_same_v<w_t, c10::Half>) {
-        if (exp_avg_sq.scalar_type() == at::kFloat) {
-          with_v(float{});
-          return;
-        }
-      }
-      with_v(w_t{});
-    });
-  });
-}
-
 void sparse_adamw_update_cpu(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& row_step,
                              const at::Tensor& index, const at::Tensor& grad_rows, double lr, double beta1,
                              double beta2, double eps, double weight_decay, std::optional<int64_t> rounding_seed,
@@ -222,12 +191,8 @@ void normalize_backward_adamw_update_cpu(at::Tensor& weight, at::Tensor& exp_avg
   const char* op = "normalize_backward_adamw_update";
   check_sparse_adamw_update_args(weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized, "grad_normalized",
                                  lr, beta1, beta2, eps, weight_decay, op);
-  check_vector(inv_norm, index.numel(), "inv_norm", op);
-  const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(inv_norm.scalar_type() == acc && inv_norm.device() == weight.device(), op, ": inv_norm must be a ",
-              acc, " tensor on ", weight.device(), ", got ", inv_norm.scalar_type(), " on ", inv_norm.device());
+  check_normalize_backward_args(weight, index, inv_norm, grad_scale, op);
   const Rounding rounding = make_rounding(rounding_seed, rounding_step, class_start, op);
-  TORCH_CHECK(grad_scale != 0.0, op, ": grad_scale must be nonzero");
   if (index.numel() == 0) return;
   const at::Tensor idx = index.contiguous(), inv_c = inv_norm.contiguous();
   check_index_range(idx, weight.size(0), op);

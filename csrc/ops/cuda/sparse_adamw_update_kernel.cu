@@ -11,16 +11,11 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "../sparse_adamw_update.h"
 #include "../stochastic_rounding.h"
 #include "common.cuh"
 
 namespace partialfc {
-
-// ../sparse_adamw_update.cpp
-void check_sparse_adamw_update_args(const at::Tensor& weight, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                                    const at::Tensor& row_step, const at::Tensor& index, const at::Tensor& rows,
-                                    const char* rows_name, double lr, double beta1, double beta2, double eps,
-                                    double weight_decay, const char* op);
 
 namespace {
 
@@ -149,33 +144,6 @@ __global__ void normalize_backward_adamw_kernel(w_t* weight, w_t* exp_avg, v_t* 
   }
 }
 
-// fn(w_t{}, v_t{}, g_t{}, step_t{}) over the table, gradient and step dtypes: v_t is the weight's dtype, or
-// float32 beside a bf16/fp16 table.
-template <typename Fn>
-void dispatch_adamw_cuda(const at::Tensor& weight, const at::Tensor& exp_avg_sq, const at::Tensor& grad,
-                         const at::Tensor& row_step, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_adamw_update_w", [&] {
-    using w_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sparse_adamw_update_g", [&] {
-      using g_t = scalar_t;
-      auto with_v = [&](auto v0) {
-        if (row_step.scalar_type() == at::kLong) {
-          fn(w_t{}, v0, g_t{}, int64_t{});
-        } else {
-          fn(w_t{}, v0, g_t{}, int32_t{});
-        }
-      };
-      if constexpr (std::is_same_v<w_t, c10::BFloat16> || std::is_same_v<w_t, c10::Half>) {
-        if (exp_avg_sq.scalar_type() == at::kFloat) {
-          with_v(float{});
-          return;
-        }
-      }
-      with_v(w_t{});
-    });
-  });
-}
-
 void sparse_adamw_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& row_step,
                               const at::Tensor& index, const at::Tensor& grad_rows, double lr, double beta1,
                               double beta2, double eps, double weight_decay, std::optional<int64_t> rounding_seed,
@@ -192,7 +160,7 @@ void sparse_adamw_update_cuda(at::Tensor& weight, at::Tensor& exp_avg, at::Tenso
   const at::Tensor idx = index.contiguous();
   // Before any row is written: a bad index leaves table and state as they were.
   cuda::check_index_range_cuda(idx, weight.size(0), op);
-  dispatch_adamw_cuda(weight, exp_avg_sq, grad_rows, row_step, [&](auto w0, auto v0, auto g0, auto s0) {
+  dispatch_adamw(weight, exp_avg_sq, grad_rows, row_step, [&](auto w0, auto v0, auto g0, auto s0) {
     using w_t = decltype(w0);
     using v_t = decltype(v0);
     using g_t = decltype(g0);
@@ -218,19 +186,15 @@ void normalize_backward_adamw_update_cuda(at::Tensor& weight, at::Tensor& exp_av
   TORCH_CHECK(weight.is_cuda(), op, ": weight must be a CUDA tensor");
   check_sparse_adamw_update_args(weight, exp_avg, exp_avg_sq, row_step, index, grad_normalized, "grad_normalized",
                                  lr, beta1, beta2, eps, weight_decay, op);
-  check_vector(inv_norm, index.numel(), "inv_norm", op);
-  const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(inv_norm.scalar_type() == acc && inv_norm.device() == weight.device(), op, ": inv_norm must be a ",
-              acc, " tensor on ", weight.device(), ", got ", inv_norm.scalar_type(), " on ", inv_norm.device());
+  check_normalize_backward_args(weight, index, inv_norm, grad_scale, op);
   const Rounding rounding = make_rounding(rounding_seed, rounding_step, class_start, op);
-  TORCH_CHECK(grad_scale != 0.0, op, ": grad_scale must be nonzero");
   const int64_t rows = index.numel();
   if (rows == 0) return;
   c10::cuda::CUDAGuard guard(weight.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor idx = index.contiguous(), inv_c = inv_norm.contiguous();
   cuda::check_index_range_cuda(idx, weight.size(0), op);
-  dispatch_adamw_cuda(weight, exp_avg_sq, grad_normalized, row_step, [&](auto w0, auto v0, auto g0, auto s0) {
+  dispatch_adamw(weight, exp_avg_sq, grad_normalized, row_step, [&](auto w0, auto v0, auto g0, auto s0) {
     using w_t = decltype(w0);
     using v_t = decltype(v0);
     using g_t = decltype(g0);

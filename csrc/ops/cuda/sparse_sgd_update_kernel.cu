@@ -136,11 +136,7 @@ void normalize_backward_sgd_update_cuda(at::Tensor& weight, at::Tensor& momentum
                                         int64_t class_start) {
   const char* op = "normalize_backward_sgd_update";
   check_update_args(weight, momentum_buffer, index, grad_normalized, "grad_normalized", op);
-  check_vector(inv_norm, index.numel(), "inv_norm", op);
-  const at::ScalarType acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(inv_norm.scalar_type() == acc && inv_norm.device() == weight.device(), op, ": inv_norm must be a ",
-              acc, " tensor on ", weight.device(), ", got ", inv_norm.scalar_type(), " on ", inv_norm.device());
-  TORCH_CHECK(grad_scale != 0.0, op, ": grad_scale must be nonzero");
+  check_normalize_backward_args(weight, index, inv_norm, grad_scale, op);
   const Rounding rounding = make_rounding(rounding_seed, rounding_step, class_start, op);
   const int64_t rows = index.numel();
   if (rows == 0) return;

@@ -127,14 +127,23 @@ class ReferenceOps(OpTable):
     subcenter_max_backward = staticmethod(reference.subcenter_max_backward_ref)
 
 
+def _stale_extension(what):
+    """The error for an extension built from older sources than this package: ``what`` it lacks."""
+    return RuntimeError(f"{what} (built from older sources): rebuild it with `python setup.py build_ext "
+                        "--inplace`, or construct PartialFC(..., use_ext=False)")
+
+
+def _has_argument(op_name, name):
+    return any(a.name == name for a in getattr(torch.ops.partialfc, op_name).default._schema.arguments)
+
+
 def _rounding_args(rounding_seed, rounding_step, class_start):
     """The update ops' trailing stochastic-rounding arguments; none without a seed (round to nearest), so an
     extension built before they existed still runs the float32 updates."""
     if rounding_seed is None:
         return ()
-    if not any(a.name == "rounding_seed" for a in torch.ops.partialfc.sparse_sgd_update.default._schema.arguments):
-        raise RuntimeError("partialfc._C has no stochastic rounding (built from older sources): rebuild it with "
-                           "`python setup.py build_ext --inplace`, or construct PartialFC(..., use_ext=False)")
+    if not _has_argument("sparse_sgd_update", "rounding_seed"):
+        raise _stale_extension("partialfc._C has no stochastic rounding")
     return int(rounding_seed), int(rounding_step), int(class_start)
 
 
@@ -146,18 +155,15 @@ def _newer_args(op_name, **args):
     only when they differ from their defaults, so that an extension built before they existed still runs the
     plain calls."""
     given = {name: value for name, value in args.items() if value is not _SCHEMA_DEFAULTS[name]}
-    known = {a.name for a in getattr(torch.ops.partialfc, op_name).default._schema.arguments}
     for name in given:
-        if name not in known:
-            raise RuntimeError(f"partialfc._C's {op_name} has no {name} (built from older sources): rebuild it "
-                               "with `python setup.py build_ext --inplace`, or construct PartialFC(..., use_ext=False)")
+        if not _has_argument(op_name, name):
+            raise _stale_extension(f"partialfc._C's {op_name} has no {name}")
     return given
 
 
 def _require_op(name):
     if not hasattr(torch.ops.partialfc, name):
-        raise RuntimeError(f"partialfc._C has no op {name} (built from older sources): rebuild it with `python "
-                           "setup.py build_ext --inplace`, or construct PartialFC(..., use_ext=False)")
+        raise _stale_extension(f"partialfc._C has no op {name}")
 
 
 class CompiledOps(OpTable):

@@ -245,9 +245,6 @@ inline scalar_t* row_ptr(const at::Tensor& t, int64_t r) {
   return t.data_ptr<scalar_t>() + r * t.stride(0);
 }
 
-// The backward's grad_absmax (see margin_softmax.cpp). Each worker takes the largest abs_bits of a block or
-// row right after writing it, while it is still in cache, so the check costs no pass over memory; the workers'
-// maxima meet in one atomic, and finish() folds in the value the tensor held on entry.
 // The largest abs_bits of n contiguous float32 values: an integer max over their bits, which the AVX2 clone
 // vectorizes (vpand, vpmaxud; the baseline x86-64 build has no unsigned 32-bit max).
 PARTIALFC_CLONES uint32_t max_abs_bits_f32(const float* p, int64_t n) {
@@ -261,6 +258,9 @@ PARTIALFC_CLONES uint32_t max_abs_bits_f32(const float* p, int64_t n) {
   return m;
 }
 
+// The backward's grad_absmax (see margin_softmax.cpp). Each worker takes the largest abs_bits of a block or
+// row right after writing it, while it is still in cache, so the check costs no pass over memory; the workers'
+// maxima meet in one atomic, and finish() folds in the value the tensor held on entry.
 class GradAbsMax {
  public:
   explicit GradAbsMax(const std::optional<at::Tensor>& out)
@@ -271,10 +271,10 @@ class GradAbsMax {
   // The largest abs_bits of n values at `stride` (0 for none).
   template <typename scalar_t>
   static uint32_t of(const scalar_t* p, int64_t n, int64_t stride) {
-    uint32_t m = 0;
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (stride == 1) return max_abs_bits_f32(p, n);
     }
+    uint32_t m = 0;
     if (stride == 1) {
       for (int64_t i = 0; i < n; ++i) m = std::max(m, abs_bits(static_cast<float>(p[i])));
     } else {
